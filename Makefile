@@ -1,0 +1,25 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   -- create .venv, install, run the built-in example (ML-EM against EM)
+#   make test   -- create .venv, install with the test extras, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+# A CPU build of torch: an unpinned torch resolves to a multi-GB CUDA wheel.
+TORCH  ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q "$(TORCH)" -e ".[test,bench]"
+	touch $@
+
+.PHONY: install demo test bench
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/mlsde demo
+
+test: install
+	$(VENV)/bin/python -m pytest tests
+
+bench: install
+	$(VENV)/bin/python benchmarks/overhead.py

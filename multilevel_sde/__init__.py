@@ -1,0 +1,41 @@
+"""multilevel_sde: the Multilevel Euler–Maruyama method (ML-EM) for SDEs and ODEs whose drift is a
+ladder of approximators of increasing accuracy and cost.
+
+    import multilevel_sde as mlsde
+    drift = mlsde.MultilevelDrift([small, medium, large], mlsde.InverseCost(c=1.0), costs=[1, 8, 64])
+    sde = mlsde.MultilevelSDE(drift, diffusion=1.0, dt=1e-2)
+    ys, stats = mlsde.sdeint(sde, y0, ts, seed=0, return_stats=True)
+"""
+
+from .brownian import GridBrownian
+from .coins import CoinScheme, IndependentCoins, Replay
+from .cost import flops_per_sample, measure_costs, seconds_per_sample
+from .drift import MultilevelDrift
+from .integrate import odeint, sdeint
+from .probabilities import Constant, InverseCost, PowerLaw, Schedule, Sigmoid, Theorem1
+from .sde import MultilevelSDE
+from .stats import Stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MultilevelDrift",
+    "MultilevelSDE",
+    "sdeint",
+    "odeint",
+    "GridBrownian",
+    "Schedule",
+    "Constant",
+    "InverseCost",
+    "PowerLaw",
+    "Theorem1",
+    "Sigmoid",
+    "CoinScheme",
+    "IndependentCoins",
+    "Replay",
+    "Stats",
+    "flops_per_sample",
+    "seconds_per_sample",
+    "measure_costs",
+    "__version__",
+]

@@ -1,0 +1,149 @@
+"""GridBrownian: a Brownian path given by independent Gaussian increments on a grid of times.
+
+Increments are drawn lazily in chunks of steps; chunk ``j`` comes from its own generator seeded by
+``derive_seed(seed, j)`` (counter-based), so any part of the path is reproducible on demand, memory stays
+bounded, and two solvers that query the same object see the same path. ``bm(ta, tb)`` follows torchsde's
+Brownian protocol (``W(tb) - W(ta)``, grid points only), so ``torchsde.sdeint`` accepts it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ._random import check_seed, derive_seed, fresh_seed, make_generator
+
+__all__ = ["GridBrownian"]
+
+_CHUNK_ELEMENTS = 1 << 24  # increments drawn per chunk, in scalars (64 MiB at float32)
+
+
+class GridBrownian:
+    """Brownian motion on a fixed time grid with pre-drawn (chunked, counter-based) increments.
+
+    Args:
+        times: the grid ``t_0 < t_1 < ... < t_N`` (sequence or 1-D tensor), or use ``t0, t1, dt``.
+        size: ``(batch, noise_channels)``.
+        seed: seed of the path (None: fresh entropy; the value is kept in ``.seed``).
+        dtype, device: of the increments.
+        t0, t1, dt: a uniform grid built with torchsde's accumulation ``t <- min(t + dt, t1)``.
+
+    ``increment(i)`` is the increment over ``[t_i, t_{i+1}]``, shape ``size``; ``bm(ta, tb)`` sums the
+    increments between two grid times.
+    """
+
+    levy_area_approximation = "none"
+
+    def __init__(
+        self,
+        times: Optional[Union[Sequence[float], torch.Tensor, np.ndarray]] = None,
+        size: Sequence[int] = (1, 1),
+        seed: Optional[int] = None,
+        dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device] = "cpu",
+        *,
+        t0: Optional[float] = None,
+        t1: Optional[float] = None,
+        dt: Optional[float] = None,
+    ):
+        from .solvers.grid import uniform_grid, validate_grid
+
+        if times is None:
+            if t0 is None or t1 is None or dt is None:
+                raise ValueError("GridBrownian needs either times= or all of t0=, t1=, dt=")
+            times = uniform_grid(float(t0), float(t1), float(dt), np.float64)
+        self.times = validate_grid("times", times)
+        size = tuple(int(s) for s in size)
+        if len(size) != 2 or min(size) <= 0:
+            raise ValueError(f"size must be (batch, noise_channels) with positive entries, got {size!r}")
+        self._size = torch.Size(size)
+        self._dtype = dtype
+        self._device = torch.device(device)
+        seed = check_seed(seed)
+        self.seed = fresh_seed() if seed is None else seed
+        self._spacing = np.diff(self.times)
+        self._sqrt_dt = torch.as_tensor(np.sqrt(self._spacing), dtype=torch.float64)
+        self.chunk_steps = max(1, _CHUNK_ELEMENTS // self._size.numel())
+        self._chunk_index = -1
+        self._chunk: Optional[torch.Tensor] = None
+
+    # -- torchsde's Brownian attributes -------------------------------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        return self._size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.times) - 1
+
+    # -- increments ---------------------------------------------------------------------------------
+    def _load_chunk(self, j: int) -> torch.Tensor:
+        if j != self._chunk_index:
+            start = j * self.chunk_steps
+            stop = min(start + self.chunk_steps, self.num_steps)
+            gen = make_generator(derive_seed(self.seed, j), self._device)
+            noise = torch.randn((stop - start, *self._size), generator=gen, dtype=self._dtype, device=self._device)
+            scale = self._sqrt_dt[start:stop].to(self._dtype).to(self._device)
+            self._chunk = noise * scale.reshape(-1, 1, 1)
+            self._chunk_index = j
+        return self._chunk
+
+    def increment(self, i: int) -> torch.Tensor:
+        """``W(t_{i+1}) - W(t_i)``, shape ``(batch, noise_channels)``."""
+        if not 0 <= i < self.num_steps:
+            raise IndexError(f"step index {i} outside the grid's {self.num_steps} steps")
+        return self._load_chunk(i // self.chunk_steps)[i % self.chunk_steps]
+
+    def increments(self, start: int, stop: int) -> torch.Tensor:
+        """Sum of the increments of steps ``start .. stop-1`` (``W(t_stop) - W(t_start)``)."""
+        total = torch.zeros(self._size, dtype=self._dtype, device=self._device)
+        i = start
+        while i < stop:
+            j = i // self.chunk_steps
+            chunk = self._load_chunk(j)
+            lo, hi = i - j * self.chunk_steps, min(stop - j * self.chunk_steps, chunk.shape[0])
+            total = total + chunk[lo:hi].sum(0)
+            i = j * self.chunk_steps + hi
+        return total
+
+    def index_of(self, t) -> int:
+        """The grid index of time ``t`` (within a quarter of the local spacing), else a ValueError."""
+        tf = float(t)
+        i = int(np.clip(np.searchsorted(self.times, tf), 0, len(self.times) - 1))
+        candidates = [j for j in (i - 1, i) if 0 <= j < len(self.times)]
+        j = min(candidates, key=lambda c: abs(self.times[c] - tf))
+        spacing = self._spacing[min(j, self.num_steps - 1)] if self.num_steps else 1.0
+        if abs(self.times[j] - tf) > 0.25 * spacing:
+            raise ValueError(
+                f"GridBrownian queried at t={tf!r}, which is not on its grid "
+                f"[{self.times[0]}, {self.times[-1]}] (nearest grid time {self.times[j]})"
+            )
+        return j
+
+    def __call__(self, ta, tb=None, return_U: bool = False, return_A: bool = False) -> torch.Tensor:
+        if return_U or return_A:
+            raise ValueError("GridBrownian has no Levy area (levy_area_approximation='none')")
+        if tb is None:
+            ta, tb = self.times[0], ta
+        ia, ib = self.index_of(ta), self.index_of(tb)
+        if ib < ia:
+            raise ValueError(f"GridBrownian needs ta <= tb, got ta={float(ta)!r}, tb={float(tb)!r}")
+        if ib == ia + 1:
+            return self.increment(ia)
+        return self.increments(ia, ib)
+
+    def __repr__(self) -> str:
+        return (
+            f"GridBrownian(steps={self.num_steps}, t=[{self.times[0]}, {self.times[-1]}], size={tuple(self._size)}, "
+            f"seed={self.seed}, dtype={self._dtype}, device={self._device})"
+        )

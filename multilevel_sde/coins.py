@@ -1,0 +1,113 @@
+"""How the Bernoulli coins ``B_l ~ Bernoulli(p_l)`` of ML-EM are drawn, recorded and replayed.
+
+Coins live on the CPU (``k`` or ``k x batch`` booleans a step): the decision of which levels to evaluate
+is then known on the host without synchronising an accelerator, and the same seed gives the same coins
+on every device. A coin scheme is reset at the start of each solve and asked once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["CoinScheme", "IndependentCoins", "Replay", "CoinRecord", "as_coin_scheme"]
+
+
+class CoinScheme:
+    """Draws the coins of one step.
+
+    ``draw(p, batch, generator, step)``: ``p`` is a float64 CPU tensor ``(k,)`` (or ``(k, batch)``);
+    ``batch`` is None for one coin per level shared by the batch, else the number of samples.
+    Returns a bool CPU tensor ``(k,)`` or ``(k, batch)`` with ``P(B_l = 1) = p_l`` at every step.
+    """
+
+    name = "scheme"
+
+    def reset(self) -> None:
+        """Called at the start of every solve."""
+
+    def draw(self, p: torch.Tensor, batch: Optional[int], generator: torch.Generator, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class IndependentCoins(CoinScheme):
+    """Independent coins over levels, steps (and samples): the paper's scheme."""
+
+    name = "independent"
+
+    def draw(self, p: torch.Tensor, batch: Optional[int], generator: torch.Generator, step: int) -> torch.Tensor:
+        shape = p.shape if batch is None or p.dim() == 2 else (p.shape[0], batch)
+        u = torch.rand(shape, generator=generator, dtype=torch.float64)
+        return u < (p if p.dim() == len(shape) else p.unsqueeze(-1))
+
+    def __repr__(self) -> str:
+        return "IndependentCoins()"
+
+
+class Replay(CoinScheme):
+    """Replays a given coin pattern: bool ``(steps, k)`` (one coin per level per step) or ``(steps, k, batch)``.
+
+    A ``(steps, k)`` pattern replayed with per-sample coupling gives every sample the same coins. Asking
+    for more steps than the pattern has is an error.
+    """
+
+    name = "replay"
+
+    def __init__(self, pattern: torch.Tensor):
+        pattern = torch.as_tensor(pattern)
+        if pattern.dim() not in (2, 3):
+            raise ValueError(f"pattern must have shape (steps, k) or (steps, k, batch), got {tuple(pattern.shape)}")
+        if pattern.dtype != torch.bool:
+            if not ((pattern == 0) | (pattern == 1)).all():
+                raise ValueError("pattern must hold booleans (or 0/1 values)")
+            pattern = pattern.bool()
+        self.pattern = pattern.detach().cpu()
+
+    def draw(self, p: torch.Tensor, batch: Optional[int], generator: torch.Generator, step: int) -> torch.Tensor:
+        if step >= self.pattern.shape[0]:
+            raise ValueError(f"Replay pattern has {self.pattern.shape[0]} steps, but step {step + 1} was asked for")
+        if self.pattern.shape[1] != p.shape[0]:
+            raise ValueError(f"Replay pattern has {self.pattern.shape[1]} levels, the ladder has {p.shape[0]}")
+        coins = self.pattern[step]
+        if batch is None:
+            if coins.dim() != 1:
+                raise ValueError("a per-sample pattern (steps, k, batch) cannot be replayed with coupling='batch'")
+            return coins
+        if coins.dim() == 1:
+            return coins.unsqueeze(-1).expand(-1, batch)
+        if coins.shape[1] != batch:
+            raise ValueError(f"Replay pattern has batch {coins.shape[1]}, the state has batch {batch}")
+        return coins
+
+    def __repr__(self) -> str:
+        return f"Replay(pattern of shape {tuple(self.pattern.shape)})"
+
+
+@dataclass
+class CoinRecord:
+    """What one step drew: the time, step size, probabilities (float64 ``(k,)``) and coins (bool)."""
+
+    t: float
+    dt: float
+    probabilities: torch.Tensor
+    coins: torch.Tensor
+
+
+_SCHEMES = {"independent": IndependentCoins}
+
+
+def register_coin_scheme(name: str, cls) -> None:
+    """Makes ``coins=name`` available to ``MultilevelDrift`` (for schemes defined elsewhere)."""
+    _SCHEMES[name] = cls
+
+
+def as_coin_scheme(coins: Union[str, CoinScheme, torch.Tensor]) -> CoinScheme:
+    if isinstance(coins, CoinScheme):
+        return coins
+    if isinstance(coins, torch.Tensor):
+        return Replay(coins)
+    if isinstance(coins, str) and coins in _SCHEMES:
+        return _SCHEMES[coins]()
+    raise ValueError(f"coins must be one of {sorted(_SCHEMES)}, a CoinScheme or a bool pattern tensor, got {coins!r}")

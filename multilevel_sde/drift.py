@@ -1,0 +1,419 @@
+"""MultilevelDrift: a ladder of approximators ``f^1 .. f^k`` of a drift, sampled the ML-EM way.
+
+Each step, coins ``B_l ~ Bernoulli(p_l)`` decide which differences ``f^l - f^{l-1}`` enter the unbiased
+estimate ``F = sum_l (B_l / p_l) (f^l - f^{l-1})`` (spec §4.1). It is computed as ``sum_m c_m f^m`` with
+``c_m = B_m/p_m - B_{m+1}/p_{m+1}``: each level is evaluated at most once per step (f^m is shared by the
+differences m and m+1), only when one of them is drawn, and with every ``p = 1`` the estimate is ``f^k``
+to the last bit. The drift knows nothing of steppers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ._random import check_seed, fresh_seed, make_generator
+from .coins import CoinRecord, CoinScheme, as_coin_scheme
+from .cost import measure_costs
+from .probabilities import as_schedule
+from .stats import Stats
+
+__all__ = ["MultilevelDrift", "COUPLINGS"]
+
+COUPLINGS = ("batch", "sample")
+TimeLike = Union[float, torch.Tensor]
+
+
+class _FunctionLevel(nn.Module):
+    """Holds a plain callable ``f(t, y)`` inside an ``nn.ModuleList``."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, t, y):
+        return self.fn(t, y)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", repr(self.fn))
+
+
+def _as_module(fn, name: str) -> nn.Module:
+    if isinstance(fn, nn.Module):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable f(t, y) -> tensor, got {fn!r}")
+    return _FunctionLevel(fn)
+
+
+def _validate_costs(costs, k: int) -> Optional[torch.Tensor]:
+    if costs is None:
+        return None
+    try:
+        vec = torch.as_tensor(costs, dtype=torch.float64).detach().cpu().reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"costs must be a sequence of {k} numbers, got {costs!r}") from err
+    if vec.numel() != k:
+        raise ValueError(f"costs must have one entry per level ({k}), got {vec.numel()}: {vec.tolist()}")
+    bad = [(i + 1, v) for i, v in enumerate(vec.tolist()) if not (v > 0 and v < float("inf"))]
+    if bad:
+        raise ValueError(f"costs must be finite and > 0; got {vec.tolist()} (level, value) {bad}")
+    return vec
+
+
+def _time_repr(t: TimeLike) -> str:
+    if isinstance(t, torch.Tensor) and t.numel() != 1:
+        return f"tensor of shape {tuple(t.shape)}"
+    return f"{float(t):.6g}"
+
+
+class MultilevelDrift(nn.Module):
+    """An unbiased random estimate of ``f^k`` from a ladder of approximators (ML-EM's drift).
+
+    Args:
+        levels: ``k >= 1`` callables ``f(t, y) -> tensor like y``, cheapest first (``nn.Module`` allowed;
+            kept in an ``nn.ModuleList`` so ``.to(device)`` and ``.parameters()`` work).
+        probabilities: a schedule ``schedule(t, dt, costs) -> (k,)`` (see ``probabilities.py``) or ``k``
+            constant probabilities in ``(0, 1]``.
+        costs: cost of one evaluation of each level for one sample (any unit). None: measured on the
+            first call (FLOPs where the flop counter sees work in every level, else seconds).
+        coupling: ``"batch"``: one coin per level and step for the whole batch (levels run on the whole
+            batch or not at all); ``"sample"``: one coin per sample (levels run on sub-batches).
+        coins: ``"independent"``, a ``CoinScheme`` or a bool pattern to replay (``coins.Replay``).
+        base: ``f^0`` (default: zero), free of cost; the estimate is then
+            ``f^0 + sum_l (B_l / p_l)(f^l - f^{l-1})``, still unbiased for ``f^k`` (spec §4.5).
+        seed: seed of the coin generator (None: fresh entropy, kept in ``.seed``).
+        check_finite: check each step's estimate for NaN/inf and name the level at fault (one host
+            sync per step; switch off for maximal GPU throughput).
+
+    ``sample(t, y, dt)`` is the estimate; ``exact(t, y)`` is ``f^k``; ``expected_cost(t, dt)`` the expected
+    cost per sample and step. ``stats`` accumulates over calls (``reset_stats()``); ``track()`` collects
+    the stats of a block (the solvers use it for their per-solve stats).
+    """
+
+    def __init__(
+        self,
+        levels: Sequence[Callable],
+        probabilities,
+        costs: Optional[Sequence[float]] = None,
+        coupling: str = "batch",
+        coins: Union[str, CoinScheme, torch.Tensor] = "independent",
+        base: Optional[Callable] = None,
+        seed: Optional[int] = None,
+        check_finite: bool = True,
+    ):
+        super().__init__()
+        if isinstance(levels, (nn.Module, str)) or callable(levels) or not hasattr(levels, "__iter__"):
+            raise TypeError(f"levels must be a sequence of callables, got {levels!r}")
+        levels = list(levels)
+        if not levels:
+            raise ValueError("levels must hold at least one level, got an empty ladder []")
+        self.levels = nn.ModuleList(_as_module(f, f"levels[{i}] (level {i + 1})") for i, f in enumerate(levels))
+        self.base = None if base is None else _as_module(base, "base")
+        self.probabilities = as_schedule(probabilities)
+        tied = getattr(self.probabilities, "num_levels", lambda: None)()
+        if tied is not None and tied != self.num_levels:
+            raise ValueError(
+                f"probabilities has {tied} entries but the ladder has {self.num_levels} levels: {self.probabilities!r}"
+            )
+        if coupling not in COUPLINGS:
+            raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
+        self.coupling = coupling
+        self.coins = as_coin_scheme(coins)
+        seed = check_seed(seed)
+        self.seed = fresh_seed() if seed is None else seed
+        self._generator = make_generator(self.seed)
+        self._step = 0
+        self.check_finite = bool(check_finite)
+        costs_vec = _validate_costs(costs, self.num_levels)
+        self.stats = Stats(self.num_levels, costs=None if costs_vec is None else costs_vec.tolist())
+        self._costs = costs_vec
+        self._trackers: list[Stats] = []
+        self._recording = False
+        self.recorded: list[CoinRecord] = []
+
+    # -- ladder -------------------------------------------------------------------------------------
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def costs(self) -> Optional[torch.Tensor]:
+        """Cost per sample of each level, float64 ``(k,)`` (None until given or measured)."""
+        return self._costs
+
+    @property
+    def cost_unit(self) -> str:
+        return self.stats.cost_unit
+
+    def set_costs(self, costs: Sequence[float], unit: str = "given") -> None:
+        self._costs = _validate_costs(costs, self.num_levels)
+        for stats in (self.stats, *self._trackers):
+            stats.costs, stats.cost_unit = self._costs.tolist(), unit
+
+    def measure_costs(self, t: TimeLike, y: torch.Tensor) -> torch.Tensor:
+        """Measures and sets the per-sample costs on an example state ``y`` (FLOPs, else seconds)."""
+        costs, unit = measure_costs(list(self.levels), t, y)
+        self.set_costs(costs, unit)
+        return costs
+
+    def _require_costs(self, t: TimeLike, y: Optional[torch.Tensor]) -> torch.Tensor:
+        if self._costs is None:
+            if y is None:
+                raise ValueError("costs are unknown: pass costs= to MultilevelDrift or call measure_costs(t, y) first")
+            self.measure_costs(t, y)
+        return self._costs
+
+    # -- randomness ---------------------------------------------------------------------------------
+    def reseed(self, seed: Optional[int] = None) -> int:
+        """Restarts the coin stream (and the coin scheme) from ``seed`` (None: fresh entropy)."""
+        seed = check_seed(seed)
+        self.seed = fresh_seed() if seed is None else seed
+        self._generator.manual_seed(self.seed)
+        self._step = 0
+        self.coins.reset()
+        if self._recording:
+            self.recorded = []
+        return self.seed
+
+    def record_coins(self, enabled: bool = True) -> None:
+        """Starts (or stops) recording the coins of every step into ``recorded`` (cleared on start)."""
+        self._recording = bool(enabled)
+        if enabled:
+            self.recorded = []
+
+    def recorded_coins(self) -> torch.Tensor:
+        """The recorded coins, bool ``(steps, k)`` (batch coupling) or ``(steps, k, batch)``."""
+        if not self.recorded:
+            raise ValueError("no coins recorded: call record_coins() before solving")
+        return torch.stack([r.coins for r in self.recorded])
+
+    def recorded_probabilities(self) -> torch.Tensor:
+        """The probabilities of every recorded step, float64 ``(steps, k[, batch])``."""
+        if not self.recorded:
+            raise ValueError("no coins recorded: call record_coins() before solving")
+        return torch.stack([r.probabilities for r in self.recorded])
+
+    # -- statistics ---------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.stats.reset()
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[Stats]:
+        """Collects the statistics of the calls made inside the block into a fresh ``Stats``."""
+        stats = Stats(self.num_levels, costs=self.stats.costs, cost_unit=self.stats.cost_unit, seed=self.seed)
+        self._trackers.append(stats)
+        try:
+            yield stats
+        finally:
+            self._trackers.remove(stats)
+
+    def _all_stats(self) -> tuple[Stats, ...]:
+        return (self.stats, *self._trackers)
+
+    # -- probabilities ------------------------------------------------------------------------------
+    def probabilities_at(self, t: TimeLike, dt: Optional[float], costs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The schedule's ``p`` at ``(t, dt)``, validated: shape ``(k,)`` (or ``(k, *t.shape)``), in ``(0, 1]``."""
+        if dt is None and getattr(self.probabilities, "per_unit_time", False):
+            raise ValueError(
+                f"the schedule {self.probabilities!r} depends on the step size: call sample(t, y, dt) with dt"
+            )
+        costs = self._costs if costs is None else costs
+        if costs is None:
+            costs = torch.ones(self.num_levels, dtype=torch.float64)
+        p = torch.as_tensor(self.probabilities(t, dt, costs))
+        if p.dim() == 0 or p.shape[0] != self.num_levels:
+            raise ValueError(
+                f"probabilities must give {self.num_levels} values (one per level), got shape {tuple(p.shape)} "
+                f"from {self.probabilities!r}"
+            )
+        host = p.detach().to("cpu", torch.float64)
+        if not ((host > 0) & (host <= 1)).all():
+            raise ValueError(
+                f"probabilities must lie in (0, 1]; {self.probabilities!r} gave {host.tolist()} "
+                f"at t={_time_repr(t)}, dt={dt!r}"
+            )
+        return p
+
+    def expected_cost(self, t: TimeLike, dt: Optional[float]) -> float:
+        """Expected cost per sample and step by the exact rule: ``sum_m C_m P(f^m evaluated)``, with
+        ``P = 1 - (1 - p_m)(1 - p_{m+1})`` for ``m < k`` and ``p_k`` for the top level (spec §4.4)."""
+        costs = self._require_costs(t, None)
+        p = self.probabilities_at(t, dt).detach().to("cpu", torch.float64)
+        return float(self._expected_cost_of(p, costs).mean())
+
+    def theory_cost(self, t: TimeLike, dt: Optional[float]) -> float:
+        """The paper's accounting ``sum_l p_l C_l`` per sample and step."""
+        costs = self._require_costs(t, None)
+        p = self.probabilities_at(t, dt).detach().to("cpu", torch.float64)
+        return float((p * costs.reshape(-1, *([1] * (p.dim() - 1)))).sum(0).mean())
+
+    @staticmethod
+    def evaluation_probabilities(p: torch.Tensor) -> torch.Tensor:
+        """``P(f^m evaluated)`` for each level from ``p`` ``(k, ...)``: the exact union rule."""
+        q = torch.ones_like(p)
+        q[:-1] = (1 - p[:-1]) * (1 - p[1:])
+        q[-1] = 1 - p[-1]
+        return 1 - q
+
+    def _expected_cost_of(self, p: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        return (self.evaluation_probabilities(p) * costs.reshape(shape)).sum(0)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def _evaluate(self, m: int, t: TimeLike, y: torch.Tensor) -> torch.Tensor:
+        """``f^{m+1}(t, y)`` (``m`` from 0), checked and recorded."""
+        start = time.perf_counter()
+        out = self.levels[m](t, y)
+        seconds = time.perf_counter() - start
+        self._check_output(out, y, f"level {m + 1}", t)
+        for stats in self._all_stats():
+            stats.record_level(m, y.shape[0], seconds)
+        return out
+
+    def _evaluate_base(self, t: TimeLike, y: torch.Tensor) -> torch.Tensor:
+        out = self.base(t, y)
+        self._check_output(out, y, "base (level 0)", t)
+        return out
+
+    @staticmethod
+    def _check_output(out, y: torch.Tensor, who: str, t: TimeLike) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"{who} must return a tensor, got {type(out).__name__} at t={_time_repr(t)}")
+        if out.shape != y.shape:
+            raise ValueError(f"{who} returned shape {tuple(out.shape)} for a state of shape {tuple(y.shape)}")
+        if out.dtype != y.dtype:
+            raise ValueError(f"{who} returned dtype {out.dtype} for a state of dtype {y.dtype}")
+        if out.device != y.device:
+            raise ValueError(f"{who} returned a tensor on {out.device} for a state on {y.device}")
+
+    def exact(self, t: TimeLike, y: torch.Tensor) -> torch.Tensor:
+        """``f^k(t, y)``: the top level, evaluated on the whole batch (counted in the stats)."""
+        self._check_state(y)
+        return self._evaluate(self.num_levels - 1, t, y)
+
+    def forward(self, t: TimeLike, y: torch.Tensor, dt: Optional[float] = None) -> torch.Tensor:
+        """``sample(t, y, dt)``; ``dt`` may be omitted for schedules that do not depend on it."""
+        return self.sample(t, y, dt)
+
+    def _check_state(self, y) -> None:
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"y must be a tensor, got {type(y).__name__}")
+        if y.dim() < 1 or y.shape[0] == 0:
+            raise ValueError(f"y must have shape (batch, ...) with batch >= 1, got {tuple(y.shape)}")
+
+    def draw_coins(self, p: torch.Tensor, batch: int) -> torch.Tensor:
+        """The coins of the next step (bool CPU ``(k,)`` or ``(k, batch)``), advancing the step counter."""
+        per_sample = None if self.coupling == "batch" else batch
+        coins = self.coins.draw(p, per_sample, self._generator, self._step)
+        self._step += 1
+        return coins
+
+    def sample(self, t: TimeLike, y: torch.Tensor, dt: Optional[float]) -> torch.Tensor:
+        """The unbiased estimate ``sum_l (B_l / p_l) (f^l - f^{l-1})(t, y)`` of ``f^k(t, y)``.
+
+        Args:
+            t: time (float or 0-d tensor; with ``coupling="sample"`` also a ``(batch,)`` tensor).
+            y: state ``(batch, ...)``.
+            dt: the step size the estimate is for (schedules proportional to ``dt`` need it).
+        Returns:
+            a tensor like ``y``, differentiable in ``y``, the levels' parameters and the schedule's
+            parameters (through the ``1/p`` weights, in reverse and forward mode).
+        """
+        self._check_state(y)
+        costs = self._require_costs(t, y)
+        p = self.probabilities_at(t, dt, costs)
+        p_host = p.detach().to("cpu", torch.float64)
+        batch = y.shape[0]
+        coins = self.draw_coins(p_host, batch)
+        if self._recording:
+            self.recorded.append(CoinRecord(_time_float(t), _float_or_nan(dt), p_host, coins.clone()))
+        expected = float(self._expected_cost_of(p_host, costs).sum()) * (batch if p_host.dim() == 1 else 1)
+        theory = float((p_host * costs.reshape(-1, *([1] * (p_host.dim() - 1)))).sum()) * (
+            batch if p_host.dim() == 1 else 1
+        )
+        for stats in self._all_stats():
+            stats.record_step(batch, expected, theory)
+
+        p_b = p.unsqueeze(-1) if coins.dim() > p.dim() else p
+        weights = coins.to(device=p.device, dtype=p.dtype) / p_b  # B_l / p_l, differentiable in p
+        coef = weights - torch.cat([weights[1:], torch.zeros_like(weights[:1])])  # c_m, m = 1..k
+        need = coins | torch.cat([coins[1:], torch.zeros_like(coins[:1])])
+        if self.coupling == "batch":
+            out, outputs = self._combine_batch(t, y, coins, need, coef, weights)
+        else:
+            out, outputs = self._combine_sample(t, y, coins, need, coef, weights)
+        if self.check_finite and not bool(torch.isfinite(out).all()):
+            self._raise_non_finite(t, y, outputs)
+        return out
+
+    def _combine_batch(self, t, y, coins, need, coef, weights):
+        out, outputs = None, {}
+        for m in reversed(range(self.num_levels)):
+            if not bool(need[m]):
+                continue
+            f_m = outputs[m + 1] = self._evaluate(m, t, y)
+            term = coef[m].to(y.dtype) * f_m
+            out = term if out is None else out + term
+        if self.base is not None:  # F = f^0 + sum_l w_l (f^l - f^{l-1}): f^0 enters with 1 - w_1
+            f_0 = outputs[0] = self._evaluate_base(t, y)
+            term = (1 - weights[0]).to(y.dtype) * f_0
+            out = term if out is None else out + term
+        if out is None:  # no coin came up: F = 0, still attached to the schedule's graph
+            out = torch.zeros_like(y) + 0 * weights.sum().to(y.dtype)
+        return out, outputs
+
+    def _combine_sample(self, t, y, coins, need, coef, weights):
+        batch = y.shape[0]
+        out, outputs = torch.zeros_like(y), {}
+        trailing = (1,) * (y.dim() - 1)
+        jobs = [(m + 1, need[m], coef[m]) for m in reversed(range(self.num_levels))]
+        if self.base is not None:  # f^0 is free and always enters, with coefficient 1 - w_1
+            jobs.append((0, torch.ones_like(coins[0]), 1 - weights[0]))
+        for level, mask, c in jobs:
+            count = int(mask.sum())
+            if count == 0:
+                continue
+            c = c.to(device=y.device, dtype=y.dtype)
+            evaluate = self._evaluate_base if level == 0 else (lambda tt, yy, m=level - 1: self._evaluate(m, tt, yy))
+            if count == batch:
+                f_l = outputs[level] = evaluate(t, y)
+                out = out + c.reshape(-1, *trailing) * f_l
+            else:
+                idx = mask.nonzero().squeeze(1).to(y.device, non_blocking=True)
+                t_sub = t.index_select(0, idx) if _is_per_sample(t, batch) else t
+                f_l = outputs[level] = evaluate(t_sub, y.index_select(0, idx))
+                out = out.index_add(0, idx, c.index_select(0, idx).reshape(-1, *trailing) * f_l)
+        if not outputs:  # no coin came up: F = 0, still attached to the schedule's graph
+            out = out + 0 * weights.sum().to(y.dtype)
+        return out, outputs
+
+    def _raise_non_finite(self, t, y, outputs) -> None:
+        if not bool(torch.isfinite(y).all()):
+            raise FloatingPointError(f"the state y holds NaN or inf at t={_time_repr(t)}")
+        for level in sorted(outputs):
+            if not bool(torch.isfinite(outputs[level]).all()):
+                name = "base (level 0)" if level == 0 else f"level {level}"
+                raise FloatingPointError(f"{name} returned NaN or inf at t={_time_repr(t)}")
+        raise FloatingPointError(f"the ML estimate overflowed (NaN or inf) at t={_time_repr(t)}; check the probabilities")
+
+    def extra_repr(self) -> str:
+        return f"k={self.num_levels}, coupling={self.coupling!r}, coins={self.coins!r}, seed={self.seed}"
+
+
+def _is_per_sample(t, batch: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == batch and batch > 1
+
+
+def _time_float(t: TimeLike) -> float:
+    if isinstance(t, torch.Tensor) and t.numel() != 1:
+        return float("nan")
+    return float(t)
+
+
+def _float_or_nan(dt) -> float:
+    return float("nan") if dt is None else float(dt)

@@ -1,0 +1,379 @@
+"""Entry points with torchsde's and torchdiffeq's signatures: ``sdeint`` and ``odeint``.
+
+Both run (ML-)EM / (ML-)Euler on a fixed grid; with a ``MultilevelDrift`` they give ML-EM, with any
+other drift plain EM, and they reproduce torchsde's and torchdiffeq's ``"euler"`` results to rounding
+(same step times, same interpolation at output times). Statistics come back beside the solution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from numbers import Number
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ._random import check_seed, solve_seeds
+from .brownian import GridBrownian
+from .drift import MultilevelDrift
+from .sde import MultilevelSDE
+from .solvers.euler import integrate_em
+from .solvers.grid import (
+    OutputPlan,
+    as_times,
+    numpy_dtype,
+    torchdiffeq_grid,
+    torchsde_output_plan,
+    uniform_grid,
+    validate_grid,
+)
+from .stats import Stats
+
+__all__ = ["sdeint", "odeint", "SDE_METHODS", "ODE_METHODS"]
+
+SDE_METHODS = ("euler",)
+ODE_METHODS = ("euler",)
+# torchsde's methods that call the drift more than once per step (or need its derivatives): ML-EM needs
+# exactly one drift estimate per step, so they are refused.
+_MULTI_EVAL_SDE_METHODS = ("milstein", "srk", "midpoint", "reversible_heun", "adjoint_reversible_heun", "heun",
+                           "log_ode", "euler_heun")
+_TORCHSDE_DEFAULT_DT = 1e-3
+
+
+def _check_method(method, allowed: Sequence[str], others: Sequence[str], what: str) -> str:
+    if method in allowed:
+        return method
+    if method in others:
+        raise ValueError(
+            f"method={method!r} is not supported by mlsde.{what}: it evaluates the drift more than once per step "
+            f"(or differentiates it), while ML-EM draws one drift estimate per step; use one of {tuple(allowed)}"
+        )
+    raise ValueError(f"unknown method={method!r}; mlsde.{what} supports {tuple(allowed)}")
+
+
+class _SDEProtocol:
+    """Adapts any torchsde-style SDE object to ``drift(t, y, h)`` and ``noise(t, y, dW)``."""
+
+    def __init__(self, sde, names: Optional[dict]):
+        names = dict(names or {})
+        unknown = set(names) - {"drift", "diffusion", "drift_and_diffusion", "drift_and_diffusion_prod"}
+        if unknown:
+            raise ValueError(f"names has unknown keys {sorted(unknown)}")
+        for attr in ("noise_type", "sde_type"):
+            if not hasattr(sde, attr):
+                raise ValueError(f"sde has no attribute {attr!r}; it must follow torchsde's SDE protocol")
+        if sde.sde_type != "ito":
+            raise ValueError(f"sde.sde_type must be 'ito' for Euler–Maruyama, got {sde.sde_type!r}")
+        if sde.noise_type not in ("diagonal", "scalar", "additive", "general"):
+            raise ValueError(f"sde.noise_type must be diagonal, scalar, additive or general, got {sde.noise_type!r}")
+        self.sde = sde
+        self.noise_type = sde.noise_type
+        f_name, g_name = names.get("drift", "f"), names.get("diffusion", "g")
+        self._f_step = getattr(sde, "f_step", None) if not names else None
+        self._f = getattr(sde, f_name, None)
+        self._g = getattr(sde, g_name, None)
+        self._g_prod = getattr(sde, "g_prod", None) if not names else None
+        self._f_and_g_prod = getattr(sde, names.get("drift_and_diffusion_prod", "f_and_g_prod"), None)
+        if self._f is None and self._f_and_g_prod is None:
+            raise ValueError(f"sde must define {f_name!r} (or f_and_g_prod)")
+        if self._g is None and self._g_prod is None and self._f_and_g_prod is None:
+            raise ValueError(f"sde must define {g_name!r}, g_prod or f_and_g_prod")
+        self.multilevel: Optional[MultilevelDrift] = getattr(sde, "multilevel", None)
+
+    def drift(self, t, y, h):
+        if self._f_step is not None:
+            return self._f_step(t, y, h)
+        if self._f is not None:
+            return self._f(t, y)
+        return self._f_and_g_prod(t, y, torch.zeros(1))[0]
+
+    def noise(self, t, y, dW):
+        if self._g_prod is not None:
+            return self._g_prod(t, y, dW)
+        if self._g is None:
+            return self._f_and_g_prod(t, y, dW)[1]
+        g = self._g(t, y)
+        if self.noise_type == "diagonal":
+            return g * dW
+        return torch.bmm(g, dW.unsqueeze(-1)).squeeze(-1)
+
+    def noise_channels(self, t, y) -> int:
+        if self.noise_type == "scalar":
+            return 1
+        if self.noise_type == "diagonal":
+            return y.shape[1]
+        if hasattr(self.sde, "noise_channels"):
+            return self.sde.noise_channels(t, y)
+        if self._g is None:
+            raise ValueError("cannot infer the number of noise channels: pass bm, or define g")
+        return self._g(t, y).shape[-1]
+
+
+def _resolve_dt(dt, sde_dt, grid) -> Optional[float]:
+    if dt is not None and (isinstance(dt, bool) or not isinstance(dt, Number) or not math.isfinite(dt) or dt <= 0):
+        raise ValueError(f"dt must be a finite number > 0, got {dt!r}")
+    if grid is not None:
+        if dt is not None:
+            raise ValueError(f"give either dt={dt!r} or grid=, not both")
+        return None
+    if sde_dt is not None and dt is not None and float(dt) != float(sde_dt):
+        raise ValueError(f"dt={dt!r} differs from the SDE's own dt={sde_dt!r}; leave dt out or make them equal")
+    chosen = dt if dt is not None else sde_dt
+    return float(chosen) if chosen is not None else _TORCHSDE_DEFAULT_DT
+
+
+def _user_grid(grid, ts_host: np.ndarray, np_dtype) -> np.ndarray:
+    arr = validate_grid("grid", grid).astype(np_dtype)
+    if arr[0] != ts_host[0] or arr[-1] != ts_host[-1]:
+        raise ValueError(f"grid must start at ts[0]={ts_host[0]!r} and end at ts[-1]={ts_host[-1]!r}, "
+                         f"got [{arr[0]!r}, {arr[-1]!r}]")
+    return arr
+
+
+def _stats_context(multilevel: Optional[MultilevelDrift]):
+    return multilevel.track() if multilevel is not None else contextlib.nullcontext(None)
+
+
+class _PlainCounter:
+    """Counts evaluations of a drift that is not multilevel (one 'level')."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.stats = Stats(1)
+
+    def __call__(self, *args):
+        start = time.perf_counter()
+        out = self.fn(*args)
+        self.stats.record_level(0, args[1].shape[0], time.perf_counter() - start)
+        self.stats.steps += 1
+        self.stats.samples += args[1].shape[0]
+        return out
+
+
+def sdeint(
+    sde,
+    y0: torch.Tensor,
+    ts: Union[torch.Tensor, Sequence[float]],
+    bm=None,
+    method: str = "euler",
+    dt: Optional[float] = None,
+    adaptive: bool = False,
+    rtol=None,
+    atol=None,
+    dt_min=None,
+    options: Optional[dict] = None,
+    names: Optional[dict] = None,
+    logqp: bool = False,
+    extra: bool = False,
+    extra_solver_state=None,
+    *,
+    grid: Optional[Union[torch.Tensor, Sequence[float]]] = None,
+    seed: Optional[int] = None,
+    return_stats: bool = False,
+    progress: bool = False,
+    callback: Optional[Callable] = None,
+):
+    """Solves an Itô SDE with (multilevel) Euler–Maruyama; torchsde's signature and output.
+
+    Args:
+        sde: a ``MultilevelSDE`` or any object with torchsde's protocol (``noise_type``, ``sde_type``,
+            ``f``, ``g``; optional ``g_prod``, ``f_and_g_prod``). ``f_step(t, y, dt)`` is used when present.
+        y0: ``(batch, d)``.
+        ts: output times, strictly increasing (the state at ``ts[0]`` is ``y0``).
+        bm: a Brownian motion ``bm(ta, tb)`` of shape ``(batch, m)`` (a ``GridBrownian`` or torchsde's);
+            None: a fresh ``GridBrownian`` on the step grid, seeded from ``seed``.
+        method: ``"euler"``.
+        dt: step size (default: the SDE's ``dt``, else torchsde's 1e-3); steps follow torchsde's
+            ``t <- min(t + dt, ts[-1])`` and outputs are interpolated like torchsde's.
+        grid: instead of ``dt``, the exact step times (non-uniform allowed, from ``ts[0]`` to ``ts[-1]``).
+        seed: seeds the Brownian path (when ``bm`` is None) and re-seeds the drift's coins; None: fresh.
+        return_stats: also return a ``Stats`` of the solve.
+        progress: tqdm progress bar. callback: ``callback(n, t_{n+1}, y_{n+1})`` after each step.
+
+    Returns:
+        ``ys`` of shape ``(len(ts), batch, d)``, or ``(ys, stats)``.
+    """
+    method = _check_method(method, SDE_METHODS, _MULTI_EVAL_SDE_METHODS, "sdeint")
+    if adaptive:
+        raise ValueError("adaptive=True is not supported: ML-EM runs on a fixed grid")
+    if logqp or extra or extra_solver_state is not None:
+        raise ValueError("logqp, extra and extra_solver_state are not supported by mlsde.sdeint")
+    if options:
+        raise ValueError(f"mlsde.sdeint takes no options, got {options!r}")
+    protocol = _SDEProtocol(sde, names)
+    if not isinstance(y0, torch.Tensor):
+        raise TypeError(f"y0 must be a torch.Tensor, got {type(y0).__name__}")
+    if y0.dim() != 2:
+        raise ValueError(f"y0 must be 2-D (batch, d) for sdeint, got shape {tuple(y0.shape)}")
+    ts = as_times("ts", ts, y0.dtype, y0.device)
+    step = _resolve_dt(dt, getattr(sde, "dt", None), grid)
+    seed = check_seed(seed)
+    np_dtype = numpy_dtype(ts.dtype)
+    ts_host = ts.detach().cpu().numpy().astype(np_dtype)
+    times_np = _user_grid(grid, ts_host, np_dtype) if grid is not None else uniform_grid(ts_host[0], ts_host[-1], step, np_dtype)
+    plan = torchsde_output_plan(times_np, ts_host)
+    times = torch.as_tensor(times_np, dtype=ts.dtype).to(ts.device)
+    steps = [float(h) for h in np.diff(times_np)]
+
+    solve_seed, coin_seed, bm_seed = solve_seeds(seed)
+    multilevel = protocol.multilevel
+    if multilevel is not None and seed is not None:
+        multilevel.reseed(coin_seed)
+    noise = _noise_source(protocol, bm, times, times_np, y0, bm_seed)
+
+    drift = protocol.drift
+    counter = None
+    if multilevel is None:
+        drift = counter = _PlainCounter(protocol.drift)
+    start = time.perf_counter()
+    with _stats_context(multilevel) as stats:
+        ys = integrate_em(y0, times, steps, plan, drift, noise, callback=callback, progress=progress)
+    stats = counter.stats if counter is not None else stats
+    stats.total_time = time.perf_counter() - start
+    stats.seed = solve_seed if (seed is not None or bm is None) else None
+    return (ys, stats) if return_stats else ys
+
+
+def _noise_source(protocol: _SDEProtocol, bm, times: torch.Tensor, times_np: np.ndarray, y0, bm_seed: int):
+    """``noise(n, t, y) = g(t, y) dW_n`` from ``bm`` or from a fresh GridBrownian on the step grid."""
+    if bm is None:
+        channels = protocol.noise_channels(times[0], y0)
+        bm = GridBrownian(times_np.astype(np.float64), size=(y0.shape[0], channels), seed=bm_seed,
+                          dtype=y0.dtype, device=y0.device)
+    elif not callable(bm):
+        raise TypeError(f"bm must be a Brownian motion bm(ta, tb), got {bm!r}")
+    else:
+        shape = tuple(getattr(bm, "shape", ()))
+        if len(shape) != 2 or shape[0] != y0.shape[0]:
+            raise ValueError(f"bm must have shape (batch={y0.shape[0]}, channels), got {shape}")
+    if isinstance(bm, GridBrownian) and len(bm.times) == len(times_np) and np.array_equal(
+        bm.times, times_np.astype(np.float64)
+    ):
+        return lambda n, t, y: protocol.noise(t, y, bm.increment(n))
+    return lambda n, t, y: protocol.noise(t, y, bm(times[n], times[n + 1]))
+
+
+# -- ODEs ------------------------------------------------------------------------------------------
+class _Reversed:
+    """``dy/ds = -f(-s, y)``: integrates a decreasing ``t`` forward in ``s = -t`` (torchdiffeq's trick)."""
+
+    def __init__(self, drift: Callable):
+        self.drift = drift
+
+    def __call__(self, s, y, h):
+        return -self.drift(-s, y, h)
+
+
+def odeint(
+    func: Callable,
+    y0: torch.Tensor,
+    t: torch.Tensor,
+    rtol=None,
+    atol=None,
+    method: str = "euler",
+    options: Optional[dict] = None,
+    event_fn=None,
+    *,
+    seed: Optional[int] = None,
+    return_stats: bool = False,
+    progress: bool = False,
+    callback: Optional[Callable] = None,
+):
+    """Solves ``dy/dt = func(t, y)`` with the (multilevel) Euler method; torchdiffeq's signature and output.
+
+    Args:
+        func: a ``MultilevelDrift`` (ML-Euler: one random estimate per step) or any ``func(t, y)``.
+        y0: initial state, any shape ``(batch, ...)``.
+        t: output times, strictly increasing or strictly decreasing.
+        method: ``"euler"``.
+        options: ``{"step_size": h}`` (torchdiffeq's grid ``arange(n) * h + t[0]``), or
+            ``{"grid": times}`` for exact step times; without either the grid is ``t`` itself.
+        seed: re-seeds a MultilevelDrift's coins; None keeps its stream.
+
+    Returns:
+        ``(len(t), *y0.shape)``, or ``(solution, stats)`` with ``return_stats=True``.
+    """
+    method = _check_method(method, ODE_METHODS, ("midpoint", "rk4", "dopri5", "dopri8", "bosh3", "fehlberg2",
+                                                 "adaptive_heun", "heun3", "explicit_adams", "implicit_adams",
+                                                 "fixed_adams", "scipy_solver"), "odeint")
+    if event_fn is not None:
+        raise ValueError("event_fn is not supported by mlsde.odeint")
+    if not isinstance(y0, torch.Tensor):
+        raise TypeError(f"y0 must be a torch.Tensor, got {type(y0).__name__}")
+    if not callable(func):
+        raise TypeError(f"func must be callable func(t, y), got {func!r}")
+    if not torch.is_tensor(t) or t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"t must be a non-empty 1-D tensor, got {t!r}")
+    host = t.detach().cpu()
+    reversed_time = t.numel() > 1 and bool(host[0] > host[1])
+    t_fwd = -t if reversed_time else t
+    as_times("t", t_fwd, y0.dtype)
+    options = dict(options or {})
+    step_size, user_grid = options.pop("step_size", None), options.pop("grid", None)
+    options.pop("perturb", None)
+    if options.pop("interp", "linear") != "linear":
+        raise ValueError("mlsde.odeint interpolates linearly (options['interp'] must be 'linear')")
+    if options:
+        raise ValueError(f"unknown options {sorted(options)}; mlsde.odeint takes step_size or grid")
+    if step_size is not None and user_grid is not None:
+        raise ValueError("give options step_size or grid, not both")
+    t_fwd = t_fwd.to(y0.device)
+    if step_size is not None:
+        if isinstance(step_size, bool) or not isinstance(step_size, Number) or not step_size > 0:
+            raise ValueError(f"options['step_size'] must be a number > 0, got {step_size!r}")
+        grid = torchdiffeq_grid(t_fwd, step_size)
+    elif user_grid is not None:
+        user = torch.as_tensor(validate_grid("options['grid']", user_grid), dtype=t.dtype)
+        grid = -user if reversed_time else user
+        if grid[0] != t_fwd[0].cpu() or grid[-1] != t_fwd[-1].cpu():
+            raise ValueError("options['grid'] must start at t[0] and end at t[-1]")
+    else:
+        grid = t_fwd.detach().cpu()
+    grid_np = grid.numpy()
+    steps = [float(h) for h in (grid[1:] - grid[:-1]).numpy()]
+    plan = _torchdiffeq_plan(grid_np, t_fwd.detach().cpu().numpy())
+
+    multilevel = func if isinstance(func, MultilevelDrift) else None
+    seed = check_seed(seed)
+    solve_seed, coin_seed, _ = solve_seeds(seed)
+    if multilevel is not None:
+        if seed is not None:
+            multilevel.reseed(coin_seed)
+        drift = lambda s, y, h: multilevel.sample(s, y, abs(h))  # noqa: E731
+    else:
+        drift = lambda s, y, h: func(s, y)  # noqa: E731
+    if reversed_time:
+        drift = _Reversed(drift)
+    counter = None
+    if multilevel is None:
+        drift = counter = _PlainCounter(drift)
+    times = grid.to(device=y0.device, dtype=y0.dtype if y0.is_floating_point() else grid.dtype)
+    start = time.perf_counter()
+    with _stats_context(multilevel) as stats:
+        sol = integrate_em(y0, times, steps, plan, drift, None, callback=callback, progress=progress)
+    stats = counter.stats if counter is not None else stats
+    stats.total_time = time.perf_counter() - start
+    stats.seed = solve_seed if seed is not None else None
+    return (sol, stats) if return_stats else sol
+
+
+def _torchdiffeq_plan(grid: np.ndarray, t: np.ndarray) -> OutputPlan:
+    """torchdiffeq's fixed-grid outputs: after the step ``[t0, t1]``, every ``t[j] <= t1`` not yet written
+    is ``y0`` at ``t0``, ``y1`` at ``t1``, else ``y0 + (t - t0)/(t1 - t0) (y1 - y0)``."""
+    step, w_prev, w_curr = [0], [0.0], [1.0]
+    j = 1
+    for n in range(1, len(grid)):
+        t0, t1 = grid[n - 1], grid[n]
+        while j < len(t) and t1 >= t[j]:
+            if t[j] == t1:
+                step.append(n), w_prev.append(0.0), w_curr.append(1.0)
+            elif t[j] == t0:
+                step.append(n - 1), w_prev.append(0.0), w_curr.append(1.0)
+            else:
+                slope = float((t[j] - t0) / (t1 - t0))
+                step.append(n), w_prev.append(1.0 - slope), w_curr.append(slope)
+            j += 1
+    return OutputPlan(step, w_prev, w_curr, delta_form=True)

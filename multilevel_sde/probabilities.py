@@ -1,0 +1,271 @@
+"""Probability schedules: how often each level difference ``f^l - f^{l-1}`` is evaluated.
+
+A schedule is any callable ``schedule(t, dt, costs) -> Tensor`` returning the ``k`` probabilities
+``p_1 .. p_k`` in ``(0, 1]`` (shape ``(k,)`` for a scalar ``t``; ``(k, *t.shape)`` for a tensor of
+times). ``costs`` is the ladder's cost per sample and level, a float64 tensor of shape ``(k,)``.
+
+Formulas: ``ml-em-spec.md`` §5 (Theorem 1), §6 (flexible exponent, inverse cost), §8.1 (sigmoid).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+Number = Union[int, float]
+TimeLike = Union[float, torch.Tensor]
+
+__all__ = ["Schedule", "Constant", "InverseCost", "PowerLaw", "Theorem1", "Sigmoid", "as_schedule"]
+
+
+def _as_float_vector(name: str, values, *, allow_none: bool = False) -> Optional[torch.Tensor]:
+    if values is None and allow_none:
+        return None
+    try:
+        vec = torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be a sequence of numbers, got {values!r}") from err
+    if vec.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got {values!r}")
+    if not torch.isfinite(vec).all():
+        raise ValueError(f"{name} must be finite, got {vec.tolist()}")
+    return vec
+
+
+def _positive(name: str, value: Number) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _time_shape(t: TimeLike) -> tuple:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else ()
+
+
+class Schedule(nn.Module):
+    """Base class of the built-in schedules (an ``nn.Module`` so learnable ones carry parameters).
+
+    Subclasses implement ``forward(t, dt, costs) -> Tensor (k, *t.shape)``. ``per_unit_time`` is True
+    when the probabilities are proportional to ``dt`` (before clipping at 1), i.e. they define rates
+    ``lambda_l = p_l / dt`` that do not depend on the step size.
+    """
+
+    per_unit_time: bool = False
+
+    def num_levels(self) -> Optional[int]:
+        """Number of levels the schedule is tied to, or None when it adapts to ``len(costs)``."""
+        return None
+
+    def _broadcast(self, p: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        shape = _time_shape(t)
+        return p.reshape(p.shape + (1,) * len(shape)).expand(p.shape + shape) if shape else p
+
+
+class Constant(Schedule):
+    """Fixed probabilities ``p_l``, the same at every time and step size.
+
+    Args:
+        probabilities: ``k`` numbers in ``(0, 1]``, level 1 first.
+    """
+
+    def __init__(self, probabilities: Sequence[Number]):
+        super().__init__()
+        p = _as_float_vector("probabilities", probabilities)
+        bad = [(i + 1, v) for i, v in enumerate(p.tolist()) if not 0.0 < v <= 1.0]
+        if bad:
+            raise ValueError(f"probabilities must lie in (0, 1]; got {p.tolist()} (level, value) {bad}")
+        self.register_buffer("p", p, persistent=False)
+
+    def num_levels(self) -> int:
+        return self.p.numel()
+
+    def forward(self, t: TimeLike, dt: float, costs: torch.Tensor) -> torch.Tensor:
+        return self._broadcast(self.p, t)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p.tolist()}"
+
+
+class InverseCost(Schedule):
+    """``p_l = min(1, c / C_l)``: probability inversely proportional to the cost (alpha = gamma, spec §6).
+
+    With ``per_unit_time=True`` the form is ``p_l = min(1, c * dt / C_l)``: ``c / C_l`` is then a rate
+    per unit time, so the expected number of evaluations stays finite as ``dt -> 0``.
+    """
+
+    def __init__(self, c: Number, per_unit_time: bool = False):
+        super().__init__()
+        self.c = _positive("c", c)
+        self.per_unit_time = bool(per_unit_time)
+
+    def forward(self, t: TimeLike, dt: float, costs: torch.Tensor) -> torch.Tensor:
+        scale = self.c * (abs(float(dt)) if self.per_unit_time else 1.0)
+        return self._broadcast(torch.clamp(scale / costs, max=1.0), t)
+
+    def extra_repr(self) -> str:
+        return f"c={self.c}, per_unit_time={self.per_unit_time}"
+
+
+class PowerLaw(Schedule):
+    """``p_l = min(1, c * eps_l ** alpha)`` (spec §6), or ``min(1, c * dt * eps_l ** alpha)`` per unit time.
+
+    The level accuracies ``eps_l`` are, in order of precedence: given (``eps``); derived from the costs
+    and the cost exponent ``gamma`` as ``eps_l = C_l ** (-1 / gamma)`` (spec §2.1, non-dyadic ladders);
+    or dyadic ``eps_l = 2 ** -l``. ``alpha = 1 + gamma / 2`` is the theory-optimal exponent.
+    """
+
+    def __init__(
+        self,
+        c: Number,
+        alpha: Number,
+        eps: Optional[Sequence[Number]] = None,
+        gamma: Optional[Number] = None,
+        per_unit_time: bool = False,
+    ):
+        super().__init__()
+        self.c = _positive("c", c)
+        self.alpha = _positive("alpha", alpha)
+        self.gamma = None if gamma is None else _positive("gamma", gamma)
+        eps_vec = _as_float_vector("eps", eps, allow_none=True)
+        if eps_vec is not None and (eps_vec <= 0).any():
+            raise ValueError(f"eps must be > 0, got {eps_vec.tolist()}")
+        self.register_buffer("eps", eps_vec, persistent=False)
+        self.per_unit_time = bool(per_unit_time)
+
+    def num_levels(self) -> Optional[int]:
+        return None if self.eps is None else self.eps.numel()
+
+    def accuracies(self, costs: torch.Tensor) -> torch.Tensor:
+        """The ``eps_l`` used, shape ``(k,)``."""
+        if self.eps is not None:
+            return self.eps
+        if self.gamma is not None:
+            return costs ** (-1.0 / self.gamma)
+        return 2.0 ** -torch.arange(1, costs.numel() + 1, dtype=torch.float64)
+
+    def forward(self, t: TimeLike, dt: float, costs: torch.Tensor) -> torch.Tensor:
+        scale = self.c * (abs(float(dt)) if self.per_unit_time else 1.0)
+        return self._broadcast(torch.clamp(scale * self.accuracies(costs) ** self.alpha, max=1.0), t)
+
+    def extra_repr(self) -> str:
+        return f"c={self.c}, alpha={self.alpha}, gamma={self.gamma}, per_unit_time={self.per_unit_time}"
+
+
+class Theorem1(Schedule):
+    """The probabilities of Theorem 1 (spec §5): ``p_l = min(1, A * dt * 2 ** (-(1 + gamma/2) * l))``.
+
+    ``k = ceil(log2(1/eps))`` levels, ``G_k = sum_{l<=k} 2 ** ((gamma/2 - 1) * l)`` and
+    ``A = 9 * G_k / eps**2``. The ladder must have exactly ``k`` levels. ``scale`` multiplies ``A``
+    (the theorem's constant is a worst-case bound; ``scale < 1`` trades error for cost).
+    """
+
+    per_unit_time = True
+
+    def __init__(self, eps: Number, gamma: Number, scale: Number = 1.0):
+        super().__init__()
+        eps = _positive("eps", eps)
+        if eps > 1:
+            raise ValueError(f"eps must lie in (0, 1], got {eps!r}")
+        self.eps = eps
+        self.gamma = _positive("gamma", gamma)
+        self.scale = _positive("scale", scale)
+        self.k = max(1, math.ceil(math.log2(1.0 / eps) - 1e-12))
+        self.G_k = self.geometric_sum(self.gamma, self.k)
+        self.A = self.scale * 9.0 * self.G_k / eps**2
+
+    @staticmethod
+    def geometric_sum(gamma: float, k: int) -> float:
+        """``G_k = sum_{l=1}^{k} 2 ** ((gamma/2 - 1) * l)``."""
+        return float(sum(2.0 ** ((gamma / 2.0 - 1.0) * l) for l in range(1, k + 1)))
+
+    def num_levels(self) -> int:
+        return self.k
+
+    def rates(self) -> torch.Tensor:
+        """``lambda_l = A * 2 ** (-(1 + gamma/2) * l)``, shape ``(k,)``: the rates before clipping."""
+        levels = torch.arange(1, self.k + 1, dtype=torch.float64)
+        return self.A * 2.0 ** (-(1.0 + self.gamma / 2.0) * levels)
+
+    def cost_bound(self, T: float, c: float = 1.0) -> float:
+        """Theorem 1's bound on the expected cost (one evaluation per drawn level): ``T A c^gamma G_k``."""
+        return T * self.A * c**self.gamma * self.G_k
+
+    def forward(self, t: TimeLike, dt: float, costs: torch.Tensor) -> torch.Tensor:
+        if costs.numel() != self.k:
+            raise ValueError(
+                f"Theorem1(eps={self.eps}) needs k = ceil(log2(1/eps)) = {self.k} levels, "
+                f"but the ladder has {costs.numel()}"
+            )
+        return self._broadcast(torch.clamp(self.rates() * abs(float(dt)), max=1.0), t)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, gamma={self.gamma}, k={self.k}, A={self.A:.4g}"
+
+
+class Sigmoid(Schedule):
+    """Learnable ``p_l(t) = floor + (1 - floor) * sigmoid(a_l + b_l * t)`` (spec §8.1).
+
+    ``a`` and ``b`` are ``nn.Parameter`` of shape ``(k,)``; ``t`` is used as given (normalise it to
+    ``[0, 1]`` through ``time_scale``: the schedule sees ``t * time_scale``).
+    """
+
+    def __init__(
+        self,
+        a: Sequence[Number],
+        b: Optional[Sequence[Number]] = None,
+        floor: Number = 1e-3,
+        time_scale: Number = 1.0,
+        dtype: torch.dtype = torch.float64,
+    ):
+        super().__init__()
+        a_vec = _as_float_vector("a", a)
+        b_vec = torch.zeros_like(a_vec) if b is None else _as_float_vector("b", b)
+        if b_vec.numel() != a_vec.numel():
+            raise ValueError(f"b must have the length of a ({a_vec.numel()}), got {b_vec.numel()}")
+        if not isinstance(floor, (int, float)) or not 0.0 <= floor < 1.0:
+            raise ValueError(f"floor must lie in [0, 1), got {floor!r}")
+        self.a = nn.Parameter(a_vec.to(dtype))
+        self.b = nn.Parameter(b_vec.to(dtype))
+        self.floor = float(floor)
+        self.time_scale = _positive("time_scale", time_scale)
+
+    def num_levels(self) -> int:
+        return self.a.numel()
+
+    def logits(self, t: TimeLike) -> torch.Tensor:
+        """``a_l + b_l * t``, shape ``(k, *t.shape)``."""
+        tt = torch.as_tensor(t, dtype=self.a.dtype, device=self.a.device) * self.time_scale
+        extra = (1,) * tt.dim()
+        return self.a.reshape(-1, *extra) + self.b.reshape(-1, *extra) * tt
+
+    def forward(self, t: TimeLike, dt: float, costs: torch.Tensor) -> torch.Tensor:
+        return self.floor + (1.0 - self.floor) * torch.sigmoid(self.logits(t))
+
+    def extra_repr(self) -> str:
+        return f"k={self.a.numel()}, floor={self.floor}, time_scale={self.time_scale}"
+
+
+def as_schedule(probabilities) -> nn.Module:
+    """A schedule from a schedule, any callable, or a sequence of constant probabilities."""
+    if isinstance(probabilities, nn.Module) or callable(probabilities):
+        return probabilities if isinstance(probabilities, nn.Module) else _CallableSchedule(probabilities)
+    if isinstance(probabilities, (Sequence, torch.Tensor)) or hasattr(probabilities, "__array__"):
+        return Constant(probabilities)
+    raise TypeError(
+        f"probabilities must be a schedule (callable(t, dt, costs)) or a sequence of numbers, got {probabilities!r}"
+    )
+
+
+class _CallableSchedule(Schedule):
+    """Wraps a plain function ``fn(t, dt, costs)`` so it can live inside a module tree."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.per_unit_time = bool(getattr(fn, "per_unit_time", False))
+
+    def forward(self, t: TimeLike, dt: float, costs: torch.Tensor) -> torch.Tensor:
+        return self.fn(t, dt, costs)

@@ -1,0 +1,72 @@
+"""The (multilevel) Euler–Maruyama step loop on a fixed grid of times.
+
+``y_{n+1} = y_n + F(t_n, y_n; h_n) h_n + g(t_n, y_n) dW_n``: with ``F`` the ML estimate this is ML-EM,
+with a deterministic drift plain EM, and with no noise the (multilevel) Euler method for ODEs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .grid import OutputPlan
+
+__all__ = ["integrate_em"]
+
+DriftFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+NoiseFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def integrate_em(
+    y0: torch.Tensor,
+    times: torch.Tensor,
+    steps: list,
+    plan: OutputPlan,
+    drift: DriftFn,
+    noise: Optional[NoiseFn] = None,
+    callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Runs ``len(steps)`` EM steps and returns the states at the plan's outputs, ``(outputs, *y0.shape)``.
+
+    Args:
+        y0: initial state.
+        times: the grid as a tensor (``len(steps) + 1`` times, the dtype and device levels see).
+        steps: step sizes as Python floats (``times[n+1] - times[n]`` computed in the grid's dtype).
+        plan: which states (and interpolation weights) make the outputs.
+        drift: ``drift(t_n, y_n, h_n)``.
+        noise: ``noise(n, t_n, y_n)``, the diffusion term ``g dW`` of step ``n`` (None for an ODE).
+        callback: called as ``callback(n, t_{n+1}, y_{n+1})`` after each step.
+        progress: show a tqdm progress bar.
+    """
+    wanted: dict[int, list[int]] = {}
+    for j, n in enumerate(plan.step):
+        wanted.setdefault(n, []).append(j)
+    outputs: list[Optional[torch.Tensor]] = [None] * len(plan.step)
+
+    def emit(n: int, prev: Optional[torch.Tensor], curr: torch.Tensor) -> None:
+        for j in wanted.get(n, ()):
+            if plan.w_prev[j] == 0.0:
+                outputs[j] = curr
+            elif plan.delta_form:
+                outputs[j] = prev + plan.w_curr[j] * (curr - prev)
+            else:
+                outputs[j] = plan.w_prev[j] * prev + plan.w_curr[j] * curr
+
+    y = y0
+    emit(0, None, y)
+    bar = tqdm(total=len(steps), disable=not progress, desc="ML-EM", leave=False)
+    for n, h in enumerate(steps):
+        t = times[n]
+        y_next = y + drift(t, y, h) * h  # the order of torchsde's Euler: (y + f dt) + g dW
+        if noise is not None:
+            y_next = y_next + noise(n, t, y)
+        if callback is not None:
+            callback(n, times[n + 1], y_next)
+        emit(n + 1, y, y_next)
+        y = y_next
+        bar.update(1)
+    bar.close()
+    return torch.stack(outputs, dim=0)
