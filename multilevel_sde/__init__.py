@@ -10,7 +10,7 @@ ladder of approximators of increasing accuracy and cost.
 from .brownian import GridBrownian
 from .coins import CoinScheme, IndependentCoins, Replay
 from .cost import flops_per_sample, measure_costs, seconds_per_sample
-from .drift import MultilevelDrift
+from .drift import MultilevelDrift, NonFiniteError
 from .integrate import odeint, sdeint
 from .probabilities import Constant, InverseCost, PowerLaw, Schedule, Sigmoid, Theorem1
 from .sde import MultilevelSDE
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MultilevelDrift",
     "MultilevelSDE",
+    "NonFiniteError",
     "sdeint",
     "odeint",
     "GridBrownian",

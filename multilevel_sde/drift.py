@@ -22,10 +22,14 @@ from .cost import measure_costs
 from .probabilities import as_schedule
 from .stats import Stats
 
-__all__ = ["MultilevelDrift", "COUPLINGS"]
+__all__ = ["MultilevelDrift", "NonFiniteError", "COUPLINGS"]
 
 COUPLINGS = ("batch", "sample")
 TimeLike = Union[float, torch.Tensor]
+
+
+class NonFiniteError(ValueError, FloatingPointError):
+    """A level (or the state) produced NaN or inf; the message names the level and the time."""
 
 
 class _FunctionLevel(nn.Module):
@@ -89,9 +93,12 @@ class MultilevelDrift(nn.Module):
         seed: seed of the coin generator (None: fresh entropy, kept in ``.seed``).
         check_finite: check each step's estimate for NaN/inf and name the level at fault (one host
             sync per step; switch off for maximal GPU throughput).
+        prune_certain: skip a level whose two differences are both certain (``p_m = p_{m+1} = 1``):
+            its coefficient is exactly 0, so it is neither evaluated nor paid for. False follows the
+            literal rule "f^m is paid when difference m or m+1 is drawn".
 
     ``sample(t, y, dt)`` is the estimate; ``exact(t, y)`` is ``f^k``; ``expected_cost(t, dt)`` the expected
-    cost per sample and step. ``stats`` accumulates over calls (``reset_stats()``); ``track()`` collects
+    cost per sample and step (with every ``p = 1`` only ``f^k`` runs: ML-EM is then EM, at EM's cost). ``stats`` accumulates over calls (``reset_stats()``); ``track()`` collects
     the stats of a block (the solvers use it for their per-solve stats).
     """
 
@@ -105,6 +112,7 @@ class MultilevelDrift(nn.Module):
         base: Optional[Callable] = None,
         seed: Optional[int] = None,
         check_finite: bool = True,
+        prune_certain: bool = True,
     ):
         super().__init__()
         if isinstance(levels, (nn.Module, str)) or callable(levels) or not hasattr(levels, "__iter__"):
@@ -129,6 +137,7 @@ class MultilevelDrift(nn.Module):
         self._generator = make_generator(self.seed)
         self._step = 0
         self.check_finite = bool(check_finite)
+        self.prune_certain = bool(prune_certain)
         costs_vec = _validate_costs(costs, self.num_levels)
         self.stats = Stats(self.num_levels, costs=None if costs_vec is None else costs_vec.tolist())
         self._costs = costs_vec
@@ -252,13 +261,22 @@ class MultilevelDrift(nn.Module):
         p = self.probabilities_at(t, dt).detach().to("cpu", torch.float64)
         return float((p * costs.reshape(-1, *([1] * (p.dim() - 1)))).sum(0).mean())
 
-    @staticmethod
-    def evaluation_probabilities(p: torch.Tensor) -> torch.Tensor:
-        """``P(f^m evaluated)`` for each level from ``p`` ``(k, ...)``: the exact union rule."""
+    def evaluation_probabilities(self, p: torch.Tensor) -> torch.Tensor:
+        """``P(f^m evaluated)`` for each level from ``p`` ``(k, ...)``: the exact union rule
+        ``1 - (1 - p_m)(1 - p_{m+1})`` (``p_k`` for the top level); 0 for a level that cancels out
+        (``p_m = p_{m+1} = 1`` with ``prune_certain``)."""
         q = torch.ones_like(p)
         q[:-1] = (1 - p[:-1]) * (1 - p[1:])
         q[-1] = 1 - p[-1]
-        return 1 - q
+        return (1 - q).masked_fill(self._cancelling(p), 0.0)
+
+    def _cancelling(self, p: torch.Tensor) -> torch.Tensor:
+        """Levels whose coefficient is identically 0: both adjacent differences are certain (p = 1)."""
+        cancel = torch.zeros_like(p, dtype=torch.bool)
+        if self.prune_certain:
+            certain = p >= 1
+            cancel[:-1] = certain[:-1] & certain[1:]
+        return cancel
 
     def _expected_cost_of(self, p: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
         shape = (-1,) + (1,) * (p.dim() - 1)
@@ -342,7 +360,9 @@ class MultilevelDrift(nn.Module):
         p_b = p.unsqueeze(-1) if coins.dim() > p.dim() else p
         weights = coins.to(device=p.device, dtype=p.dtype) / p_b  # B_l / p_l, differentiable in p
         coef = weights - torch.cat([weights[1:], torch.zeros_like(weights[:1])])  # c_m, m = 1..k
-        need = coins | torch.cat([coins[1:], torch.zeros_like(coins[:1])])
+        need = (coins | torch.cat([coins[1:], torch.zeros_like(coins[:1])])) & ~self._cancelling(
+            p_host.unsqueeze(-1).expand(coins.shape) if coins.dim() > p_host.dim() else p_host
+        )
         if self.coupling == "batch":
             out, outputs = self._combine_batch(t, y, coins, need, coef, weights)
         else:
@@ -394,12 +414,12 @@ class MultilevelDrift(nn.Module):
 
     def _raise_non_finite(self, t, y, outputs) -> None:
         if not bool(torch.isfinite(y).all()):
-            raise FloatingPointError(f"the state y holds NaN or inf at t={_time_repr(t)}")
+            raise NonFiniteError(f"the state y holds NaN or inf at t={_time_repr(t)}")
         for level in sorted(outputs):
             if not bool(torch.isfinite(outputs[level]).all()):
                 name = "base (level 0)" if level == 0 else f"level {level}"
-                raise FloatingPointError(f"{name} returned NaN or inf at t={_time_repr(t)}")
-        raise FloatingPointError(f"the ML estimate overflowed (NaN or inf) at t={_time_repr(t)}; check the probabilities")
+                raise NonFiniteError(f"{name} returned NaN or inf at t={_time_repr(t)}")
+        raise NonFiniteError(f"the ML estimate overflowed (NaN or inf) at t={_time_repr(t)}; check the probabilities")
 
     def extra_repr(self) -> str:
         return f"k={self.num_levels}, coupling={self.coupling!r}, coins={self.coins!r}, seed={self.seed}"

@@ -252,7 +252,7 @@ def test_costs_are_measured_when_omitted():
 
 def test_stats_accumulate_and_reset():
     levels, _, _ = affine_ladder(2, D, 12)
-    drift = mlsde.MultilevelDrift(levels, [1.0, 1.0], costs=[1.0, 3.0])
+    drift = mlsde.MultilevelDrift(levels, [1.0, 1.0], costs=[1.0, 3.0], prune_certain=False)
     x = torch.randn(4, D, dtype=DTYPE)
     for _ in range(5):
         drift.sample(0.0, x, 0.1)
@@ -262,3 +262,20 @@ def test_stats_accumulate_and_reset():
     drift.reset_stats()
     assert drift.stats.evaluations == [0, 0] and drift.stats.cost == 0.0
     assert math.isfinite(drift.stats.as_dict()["cost"])
+
+
+@pytest.mark.parametrize("coupling", ["batch", "sample"])
+def test_levels_that_cancel_out_are_not_evaluated(coupling):
+    """p_m = p_{m+1} = 1 makes f^m's coefficient exactly 0: pruned, not paid, same estimate."""
+    levels, _, _ = affine_ladder(4, D, 14)
+    p, costs = [1.0, 1.0, 1.0, 0.3], [1.0, 2.0, 4.0, 8.0]
+    x = torch.randn(16, D, dtype=DTYPE)
+    pruned = mlsde.MultilevelDrift(levels, p, costs=costs, coupling=coupling, seed=3)
+    literal = mlsde.MultilevelDrift(levels, p, costs=costs, coupling=coupling, seed=3, prune_certain=False)
+    for _ in range(30):
+        assert torch.allclose(pruned.sample(0.0, x, 0.1), literal.sample(0.0, x, 0.1), rtol=0, atol=1e-12)
+    assert pruned.stats.evaluations[:2] == [0, 0] and literal.stats.evaluations[:2] == [480, 480]
+    assert pruned.stats.evaluations[2] == literal.stats.evaluations[2] == 480
+    assert pruned.stats.evaluations[3] == literal.stats.evaluations[3]
+    assert pruned.expected_cost(0.0, 0.1) == pytest.approx(4.0 + 8.0 * 0.3)
+    assert literal.expected_cost(0.0, 0.1) == pytest.approx(1.0 + 2.0 + 4.0 + 8.0 * 0.3)
