@@ -314,6 +314,24 @@ class MultilevelDrift(nn.Module):
         self._check_state(y)
         return self._evaluate(self.num_levels - 1, t, y)
 
+    def combination(self, coefficients: dict, t: TimeLike, y: torch.Tensor) -> torch.Tensor:
+        """``sum_m c_m f^m(t, y)`` for ``coefficients = {m: c_m}`` (``m = 0`` is the base; ``c_m`` a number
+        or a ``(batch,)`` tensor); each level with a coefficient is evaluated once and recorded."""
+        self._check_state(y)
+        trailing = (1,) * (y.dim() - 1)
+        out = torch.zeros_like(y)
+        for m in sorted(coefficients, reverse=True):
+            c = coefficients[m]
+            if m == 0 and self.base is None:
+                continue
+            f_m = self._evaluate_base(t, y) if m == 0 else self._evaluate(m - 1, t, y)
+            if isinstance(c, torch.Tensor) and c.dim() == 1:
+                c = c.to(device=y.device, dtype=y.dtype).reshape(-1, *trailing)
+            out = out + c * f_m
+        if self.check_finite and not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(f"levels {sorted(coefficients)} gave NaN or inf at t={_time_repr(t)}")
+        return out
+
     def forward(self, t: TimeLike, y: torch.Tensor, dt: Optional[float] = None) -> torch.Tensor:
         """``sample(t, y, dt)``; ``dt`` may be omitted for schedules that do not depend on it."""
         return self.sample(t, y, dt)

@@ -16,11 +16,12 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ._random import check_seed, solve_seeds
+from ._random import check_seed, make_generator, solve_seeds
 from .brownian import GridBrownian
 from .drift import MultilevelDrift
 from .sde import MultilevelSDE
 from .solvers.euler import integrate_em
+from .solvers.poisson import integrate_poisson
 from .solvers.grid import (
     OutputPlan,
     as_times,
@@ -34,7 +35,7 @@ from .stats import Stats
 
 __all__ = ["sdeint", "odeint", "SDE_METHODS", "ODE_METHODS"]
 
-SDE_METHODS = ("euler",)
+SDE_METHODS = ("euler", "poisson")
 ODE_METHODS = ("euler",)
 # torchsde's methods that call the drift more than once per step (or need its derivatives): ML-EM needs
 # exactly one drift estimate per step, so they are refused.
@@ -185,7 +186,8 @@ def sdeint(
         ts: output times, strictly increasing (the state at ``ts[0]`` is ``y0``).
         bm: a Brownian motion ``bm(ta, tb)`` of shape ``(batch, m)`` (a ``GridBrownian`` or torchsde's);
             None: a fresh ``GridBrownian`` on the step grid, seeded from ``seed``.
-        method: ``"euler"``.
+        method: ``"euler"`` (EM / ML-EM) or ``"poisson"`` (the exact dt -> 0 limit of ML-EM: level l jumps
+            at rate ``p_l(t, dt) / dt``; needs a MultilevelDrift and state-independent noise).
         dt: step size (default: the SDE's ``dt``, else torchsde's 1e-3); steps follow torchsde's
             ``t <- min(t + dt, ts[-1])`` and outputs are interpolated like torchsde's.
         grid: instead of ``dt``, the exact step times (non-uniform allowed, from ``ts[0]`` to ``ts[-1]``).
@@ -213,6 +215,8 @@ def sdeint(
     seed = check_seed(seed)
     np_dtype = numpy_dtype(ts.dtype)
     ts_host = ts.detach().cpu().numpy().astype(np_dtype)
+    if method == "poisson":
+        return _sdeint_poisson(protocol, sde, y0, ts_host, bm, step, grid, seed, return_stats)
     times_np = _user_grid(grid, ts_host, np_dtype) if grid is not None else uniform_grid(ts_host[0], ts_host[-1], step, np_dtype)
     plan = torchsde_output_plan(times_np, ts_host)
     times = torch.as_tensor(times_np, dtype=ts.dtype).to(ts.device)
@@ -234,6 +238,33 @@ def sdeint(
     stats = counter.stats if counter is not None else stats
     stats.total_time = time.perf_counter() - start
     stats.seed = solve_seed if (seed is not None or bm is None) else None
+    return (ys, stats) if return_stats else ys
+
+
+def _sdeint_poisson(protocol: _SDEProtocol, sde, y0, ts_host, bm, dt, grid, seed, return_stats):
+    """``method="poisson"``: the jump process of the drift's rates ``p_l(t, dt) / dt`` (solvers/poisson.py)."""
+    multilevel = protocol.multilevel
+    if multilevel is None:
+        raise ValueError("method='poisson' needs a MultilevelSDE whose drift is a MultilevelDrift")
+    if not getattr(sde, "state_independent_noise", False):
+        raise ValueError("method='poisson' needs state-independent noise: give MultilevelSDE's diffusion as a "
+                         "number or a function of t alone, not g(t, y)")
+    if grid is not None:
+        raise ValueError("method='poisson' runs on the uniform dt grid; pass dt, not grid")
+    if bm is not None and not isinstance(bm, GridBrownian):
+        raise TypeError(f"method='poisson' reads a shared path from a GridBrownian only, got {type(bm).__name__}")
+    if bm is not None and tuple(bm.shape)[0] != y0.shape[0]:
+        raise ValueError(f"bm must have shape (batch={y0.shape[0]}, channels), got {tuple(bm.shape)}")
+    solve_seed, coin_seed, noise_seed = solve_seeds(seed)
+    if seed is not None:
+        multilevel.reseed(coin_seed)
+    constant = float(sde.diffusion) if isinstance(sde.diffusion, Number) else None
+    start = time.perf_counter()
+    with multilevel.track() as stats:
+        ys = integrate_poisson(multilevel, sde.sigma, constant, sde.noise_type, y0, ts_host.astype(np.float64), dt,
+                               make_generator(noise_seed, y0.device), bm)
+    stats.total_time = time.perf_counter() - start
+    stats.seed = solve_seed if seed is not None or bm is None else None
     return (ys, stats) if return_stats else ys
 
 

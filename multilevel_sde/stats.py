@@ -24,6 +24,7 @@ class Stats:
         expected_cost: the same in expectation over the coins, summed over steps and samples.
         theory_cost: the paper's accounting ``sum_n sum_l p_l C_l`` summed over samples.
         steps: number of drift estimates (solver steps); ``samples``: samples of the estimates, summed.
+        jumps: jumps of each level (Poisson solver only; each jump evaluates f^l and f^{l-1}).
         seed: the seed of the solve (None when accumulated over several).
         total_time: seconds of the whole solve (set by the solvers).
     """
@@ -32,6 +33,7 @@ class Stats:
     evaluations: list = field(default_factory=list)
     calls: list = field(default_factory=list)
     wall_time: list = field(default_factory=list)
+    jumps: list = field(default_factory=list)
     costs: Optional[list] = None
     cost_unit: str = "given"
     expected_cost: float = 0.0
@@ -46,6 +48,7 @@ class Stats:
         self.evaluations = self.evaluations or [0] * k
         self.calls = self.calls or [0] * k
         self.wall_time = self.wall_time or [0.0] * k
+        self.jumps = self.jumps or [0] * k
 
     @property
     def cost(self) -> float:
@@ -58,6 +61,10 @@ class Stats:
         self.evaluations[level] += samples
         self.calls[level] += 1
         self.wall_time[level] += seconds
+
+    def record_jumps(self, level: int, count: int) -> None:
+        """``level`` counts from 0."""
+        self.jumps[level] += count
 
     def record_step(self, samples: int, expected_cost: float, theory_cost: float) -> None:
         self.steps += 1

@@ -1,0 +1,287 @@
+"""The dt -> 0 limit of ML-EM: an event-driven Poisson-jump solver (spec §7).
+
+Level ``l`` jumps at the times of a Poisson process of rate ``lambda_l(t) = p_l(t, dt) / dt`` (the drift's
+schedule at the solver's ``dt``); a jump adds ``(f^l - f^{l-1})(t, X) / lambda_l(t)``. Between jumps the
+state moves by the exact Gaussian increment of the state-independent noise ``sigma(t) dW``. Levels whose
+probability is 1 at ``dt`` (and a ``base`` f^0) cannot jump: they are evaluated on the ``dt`` grid with an
+Euler step (the hybrid that diffusion sampling needs). Time-dependent rates are handled by thinning
+against a bound taken from the rates on the ``dt`` grid (exact for rates monotone between grid points; a
+rate found above its bound raises).
+
+Clocks: with ``coupling="batch"`` one clock per level serves the whole batch (levels get a 0-d ``t``);
+with ``coupling="sample"`` each sample has its own clocks and levels get a ``(n,)`` tensor of per-sample
+times (levels must accept it).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Number
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..brownian import GridBrownian
+from ..drift import MultilevelDrift
+
+__all__ = ["integrate_poisson", "THINNING_MARGIN"]
+
+THINNING_MARGIN = 1.25
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(8)
+
+
+class _Sigma:
+    """``sigma(t)`` (a constant, or a function of time returning a number) and ``int_a^b sigma^2``."""
+
+    def __init__(self, sigma_fn: Callable, constant: Optional[float]):
+        self.fn, self.constant = sigma_fn, constant
+
+    def at(self, t):
+        return self.constant if self.constant is not None else self.fn(t)
+
+    def integrated_variance(self, a, b):
+        """``int_a^b sigma(u)^2 du`` for scalar or per-sample ``a, b`` (8-point Gauss–Legendre)."""
+        if self.constant is not None:
+            return self.constant**2 * (b - a)
+        half, mid = (b - a) / 2, (b + a) / 2
+        total = 0.0
+        for x, w in zip(_GL_NODES, _GL_WEIGHTS):
+            total = total + float(w) * torch.as_tensor(self.fn(mid + half * float(x)), dtype=torch.float64) ** 2
+        return half * total
+
+
+def _shape_noise(std, xi: torch.Tensor, noise_type: str, d: int, per_sample: bool) -> torch.Tensor:
+    """``std * xi`` as a state increment ``(n, d)``; ``std`` is a number, a ``(d,)`` vector, or ``(n,)``
+    per sample when ``per_sample``."""
+    std = torch.as_tensor(std, dtype=xi.dtype).to(xi.device)
+    if per_sample:
+        std = std.reshape(-1, 1)
+    out = std * xi
+    return out.expand(xi.shape[0], d) if noise_type == "scalar" else out
+
+
+class _GaussianNoise:
+    """Exact Gaussian increments ``int sigma dW`` from the solver's own generator."""
+
+    def __init__(self, sigma: _Sigma, channels: int, noise_type: str, d: int, generator, dtype, device):
+        self.sigma, self.channels, self.noise_type, self.d = sigma, channels, noise_type, d
+        self.generator, self.dtype, self.device = generator, dtype, device
+
+    def __call__(self, a, b, n: int, per_sample: bool) -> torch.Tensor:
+        std = torch.as_tensor(self.sigma.integrated_variance(a, b), dtype=torch.float64).clamp(min=0).sqrt()
+        xi = torch.randn((n, self.channels), generator=self.generator, dtype=self.dtype, device=self.device)
+        return _shape_noise(std, xi, self.noise_type, self.d, per_sample)
+
+
+class _BridgeNoise:
+    """Noise read from a ``GridBrownian``: whole cells from its increments, partial cells by the Brownian
+    bridge (exact in law), so the jump solver shares the path of grid solvers on the same ``bm``."""
+
+    def __init__(self, bm: GridBrownian, t0: float, sigma: _Sigma, noise_type: str, d: int, generator):
+        self.bm, self.sigma, self.noise_type, self.d, self.generator = bm, sigma, noise_type, d, generator
+        self.cell = bm.index_of(t0)
+        self.s = float(bm.times[self.cell])
+        self.rest = bm.increment(self.cell) if self.cell < bm.num_steps else None
+
+    def _weighted(self, piece: torch.Tensor, t: float) -> torch.Tensor:
+        return _shape_noise(self.sigma.at(t), piece, self.noise_type, self.d, False)
+
+    def __call__(self, a: float, b: float, n: int, per_sample: bool) -> torch.Tensor:
+        total = torch.zeros(self.bm.shape[0], self.d, dtype=self.bm.dtype, device=self.bm.device)
+        times = self.bm.times
+        while True:
+            if self.rest is None:
+                raise ValueError(f"the Brownian path ends at {times[-1]} before t={b}")
+            right = float(times[self.cell + 1])
+            if b >= right:
+                total = total + self._weighted(self.rest, self.s)
+                self.cell += 1
+                self.s = right
+                self.rest = self.bm.increment(self.cell) if self.cell < self.bm.num_steps else None
+                if b == right:
+                    return total
+                continue
+            frac = (b - self.s) / (right - self.s)
+            std = math.sqrt(max((b - self.s) * (right - b) / (right - self.s), 0.0))
+            z = torch.randn(self.rest.shape, generator=self.generator, dtype=self.rest.dtype, device=self.rest.device)
+            piece = frac * self.rest + std * z
+            self.rest = self.rest - piece
+            total = total + self._weighted(piece, self.s)
+            self.s = b
+            return total
+
+
+def _rates(drift: MultilevelDrift, times: torch.Tensor, dt: float) -> torch.Tensor:
+    """``lambda_l(t) = p_l(t, dt) / dt`` at every time, float64 ``(k, n)``."""
+    p = drift.probabilities_at(times, dt).detach().to("cpu", torch.float64)
+    if p.dim() == 1:
+        p = p.unsqueeze(-1).expand(-1, times.numel())
+    return p / dt
+
+
+def _segments(ts: np.ndarray, dt: float, march: bool) -> np.ndarray:
+    if not march:
+        return ts
+    n = int(math.ceil((ts[-1] - ts[0]) / dt - 1e-9))
+    grid = ts[0] + dt * np.arange(n + 1)
+    grid[-1] = ts[-1]
+    return np.unique(np.concatenate([grid, ts]))
+
+
+def integrate_poisson(
+    drift: MultilevelDrift,
+    sigma_fn: Callable,
+    sigma_constant: Optional[float],
+    noise_type: str,
+    y0: torch.Tensor,
+    ts: np.ndarray,
+    dt: float,
+    noise_generator: torch.Generator,
+    bm: Optional[GridBrownian] = None,
+) -> torch.Tensor:
+    """Solves the jump process on ``[ts[0], ts[-1]]``; returns the states at ``ts``, ``(len(ts), batch, d)``."""
+    k, batch, d = drift.num_levels, y0.shape[0], y0.shape[1]
+    per_sample = drift.coupling == "sample"
+    sigma = _Sigma(sigma_fn, sigma_constant)
+    if bm is not None:
+        if per_sample:
+            raise ValueError("method='poisson' with coupling='sample' draws its own noise: pass bm=None "
+                             "(per-sample clocks cannot share one GridBrownian), or use coupling='batch'")
+        noise = _BridgeNoise(bm, float(ts[0]), sigma, noise_type, d, noise_generator)
+    else:
+        channels = 1 if noise_type == "scalar" else d
+        noise = _GaussianNoise(sigma, channels, noise_type, d, noise_generator, y0.dtype, y0.device)
+
+    n_grid = int(math.ceil((ts[-1] - ts[0]) / dt - 1e-9))
+    grid_t = torch.as_tensor(np.append(ts[0] + dt * np.arange(n_grid), ts[-1]), dtype=torch.float64)
+    grid_rates = _rates(drift, grid_t, dt)
+    march = drift.base is not None or bool((grid_rates * dt >= 1).any())
+    bounds = _segments(ts, dt, march)
+    costs = drift._require_costs(float(ts[0]), y0)
+    state = y0
+    outputs = [y0]
+    wanted = {float(t) for t in ts[1:]}
+    gen = drift._generator
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        a, b = float(a), float(b)
+        inside = grid_rates[:, (grid_t >= a - 1e-12) & (grid_t <= b + 1e-12)]
+        rates_a = _rates(drift, torch.tensor([a], dtype=torch.float64), dt)[:, 0]
+        certain = rates_a * dt >= 1
+        bound = THINNING_MARGIN * torch.maximum(inside.max(1).values if inside.numel() else rates_a, rates_a)
+        hybrid, hybrid_cost = _hybrid_drift(drift, certain, a, state, costs)
+        events = _draw_events(drift, certain, bound, a, b, dt, batch if per_sample else None, gen)
+        state = (_run_sample_segment if per_sample else _run_batch_segment)(
+            drift, state, a, b, hybrid, events, noise
+        )
+        rate_integrals = (rates_a * (b - a)).masked_fill(certain, 0.0)  # left-point rule on the segment
+        pair_costs = costs + torch.cat([costs.new_zeros(1), costs[:-1]])  # a jump pays C_l + C_{l-1}
+        expected = (float(rate_integrals @ pair_costs) + hybrid_cost) * batch
+        theory = (float(rate_integrals @ costs) + float(certain.double() @ costs)) * batch
+        for stats in drift._all_stats():
+            stats.record_step(batch, expected, theory)
+        if b in wanted:
+            outputs.append(state)
+    return torch.stack(outputs)
+
+
+def _hybrid_drift(drift: MultilevelDrift, certain: torch.Tensor, t: float, y: torch.Tensor, costs: torch.Tensor):
+    """``(f^0 + sum_{l certain} Delta_l at (t, y), its cost per sample)``; ``(None, 0)`` when nothing is
+    certain and there is no base. Only levels with a nonzero coefficient are evaluated."""
+    if not certain.any() and drift.base is None:
+        return None, 0.0
+    member = [True] + certain.tolist() + [False]  # is difference m in the set (m = 0 stands for the base)
+    coefficients = {m: float(member[m]) - float(member[m + 1]) for m in range(1, drift.num_levels + 1)}
+    coefficients[0] = 1.0 - float(member[1])
+    coefficients = {m: c for m, c in coefficients.items() if c != 0.0}
+    cost = float(sum(costs[m - 1] for m in coefficients if m > 0))
+    return drift.combination(coefficients, torch.tensor(t, dtype=y.dtype, device=y.device), y), cost
+
+
+def _draw_events(drift, certain, bound, a, b, dt, batch, gen):
+    """Accepted jump events in ``(a, b]``: ``(times, levels, rates[, samples])`` sorted by (sample,) time."""
+    times, levels, samples = [], [], []
+    for l in range(drift.num_levels):
+        if certain[l] or bound[l] <= 0:
+            continue
+        mean = float(bound[l]) * (b - a)
+        counts = torch.poisson(torch.full((batch or 1,), mean, dtype=torch.float64), generator=gen).long()
+        total = int(counts.sum())
+        if total == 0:
+            continue
+        times.append(a + (b - a) * torch.rand(total, generator=gen, dtype=torch.float64))
+        levels.append(torch.full((total,), l, dtype=torch.long))
+        samples.append(torch.repeat_interleave(torch.arange(batch or 1), counts))
+    if not times:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return empty, torch.zeros(0, dtype=torch.long), empty, torch.zeros(0, dtype=torch.long)
+    times, levels, samples = torch.cat(times), torch.cat(levels), torch.cat(samples)
+    rates = _rates(drift, times, dt)  # (k, n)
+    rate = rates.gather(0, levels.unsqueeze(0))[0]
+    if (rate > bound[levels] * (1 + 1e-9)).any():
+        worst = int(levels[(rate > bound[levels]).nonzero()[0, 0]]) + 1
+        raise ValueError(f"the rate of level {worst} exceeds its thinning bound inside [{a}, {b}]: the schedule "
+                         f"varies too fast between points of the dt grid; use a smaller dt")
+    keep = torch.rand(times.shape, generator=gen, dtype=torch.float64) * bound[levels] < rate
+    times, levels, samples, rate = times[keep], levels[keep], samples[keep], rate[keep]
+    order = torch.argsort(samples.double() * (2 * (b - a) + 1) + (times - a), stable=True)
+    return times[order], levels[order], rate[order], samples[order]
+
+
+def _jump(drift, level: int, t, y, rate):
+    """``(f^l - f^{l-1})(t, y) / lambda`` (``level`` from 0); ``rate`` a number or per-sample tensor."""
+    inverse = 1.0 / rate
+    coefficients = {level + 1: inverse, level: -inverse}
+    for stats in drift._all_stats():
+        stats.record_jumps(level, y.shape[0])
+    return drift.combination(coefficients, t, y)
+
+
+def _run_batch_segment(drift, y, a, b, hybrid, events, noise):
+    times, levels, rates, _ = events
+    s = a
+    for tau, level, rate in zip(times.tolist(), levels.tolist(), rates.tolist()):
+        y = _advance(y, s, tau, hybrid, noise)
+        y = y + _jump(drift, level, torch.tensor(tau, dtype=y.dtype, device=y.device), y, rate)
+        s = tau
+    return _advance(y, s, b, hybrid, noise)
+
+
+def _advance(y, s, t, hybrid, noise, rows=None):
+    """Moves from ``s`` to ``t`` without jumps: scalars for the whole batch, or per-sample ``(n,)`` times
+    for the samples ``rows`` (``y`` then holds those samples only)."""
+    per_sample = rows is not None
+    step = noise(s, t, y.shape[0], per_sample)
+    if hybrid is not None:
+        h = t - s
+        if per_sample:
+            h = h.to(device=y.device, dtype=y.dtype).reshape(-1, *([1] * (y.dim() - 1)))
+        step = step + h * (hybrid[rows] if per_sample else hybrid)
+    return y + step
+
+
+def _run_sample_segment(drift, y, a, b, hybrid, events, noise):
+    """Per-sample clocks: the r-th jump of every sample that has one is processed together."""
+    times, levels, rates, samples = events
+    batch = y.shape[0]
+    s = torch.full((batch,), a, dtype=torch.float64)
+    if times.numel():
+        first = torch.ones_like(samples, dtype=torch.bool)
+        first[1:] = samples[1:] != samples[:-1]
+        start_of = torch.cummax(torch.where(first, torch.arange(len(samples)), 0), 0).values
+        rank = torch.arange(len(samples)) - start_of
+        for r in range(int(rank.max()) + 1):
+            pick = rank == r
+            rows, tau, lev, rate = samples[pick], times[pick], levels[pick], rates[pick]
+            rows_dev = rows.to(y.device)
+            moved = _advance(y.index_select(0, rows_dev), s[rows], tau, hybrid, noise, rows_dev)
+            for level in lev.unique().tolist():
+                sel = (lev == level).nonzero().squeeze(1)
+                sel_dev = sel.to(y.device)
+                t_sub = tau[sel].to(device=y.device, dtype=y.dtype)
+                jump = _jump(drift, level, t_sub, moved.index_select(0, sel_dev), rate[sel])
+                moved = moved.index_add(0, sel_dev, jump)
+            y = y.index_copy(0, rows_dev, moved)
+            s[rows] = tau
+    return _advance(y, s, torch.full((batch,), b, dtype=torch.float64), hybrid, noise,
+                    torch.arange(batch, device=y.device))
