@@ -7,18 +7,21 @@ ladder of approximators of increasing accuracy and cost.
     ys, stats = mlsde.sdeint(sde, y0, ts, seed=0, return_stats=True)
 """
 
+from . import problems
 from .brownian import GridBrownian
-from .coins import CoinScheme, IndependentCoins, Replay
+from .coins import CoinScheme, IndependentCoins, Replay, StratifiedCoins
 from .cost import flops_per_sample, measure_costs, seconds_per_sample
 from .drift import MultilevelDrift, NonFiniteError
 from .integrate import odeint, sdeint
 from .probabilities import Constant, InverseCost, PowerLaw, Schedule, Sigmoid, Theorem1
+from .scaling import GammaEstimate, PowerLawFit, cost_exponent, estimate_gamma, fit_power_law
 from .sde import MultilevelSDE
 from .stats import Stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "problems",
     "MultilevelDrift",
     "MultilevelSDE",
     "NonFiniteError",
@@ -33,10 +36,16 @@ __all__ = [
     "Sigmoid",
     "CoinScheme",
     "IndependentCoins",
+    "StratifiedCoins",
     "Replay",
     "Stats",
     "flops_per_sample",
     "seconds_per_sample",
     "measure_costs",
+    "estimate_gamma",
+    "cost_exponent",
+    "fit_power_law",
+    "GammaEstimate",
+    "PowerLawFit",
     "__version__",
 ]
