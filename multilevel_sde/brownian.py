@@ -55,6 +55,10 @@ class GridBrownian:
                 raise ValueError("GridBrownian needs either times= or all of t0=, t1=, dt=")
             times = uniform_grid(float(t0), float(t1), float(dt), np.float64)
         self.times = validate_grid("times", times)
+        if not hasattr(size, "__iter__") or any(
+            isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in size
+        ):
+            raise ValueError(f"size must be (batch, noise_channels) of positive ints, got {size!r}")
         size = tuple(int(s) for s in size)
         if len(size) != 2 or min(size) <= 0:
             raise ValueError(f"size must be (batch, noise_channels) with positive entries, got {size!r}")

@@ -7,7 +7,6 @@ per sample; errors are RMS distances at ``T`` to a fine-step EM solution of the 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -16,24 +15,10 @@ from .brownian import GridBrownian
 from .drift import MultilevelDrift
 from .integrate import sdeint
 from .probabilities import Theorem1
+from .problems.htmc import htmc_ladder, htmc_reference
 from .sde import MultilevelSDE
 
-__all__ = ["toy_ladder", "run_toy_demo", "format_rows", "DemoRow"]
-
-
-def _true_drift(t, y):
-    return -y + 0.5 * torch.sin(2 * y)
-
-
-def toy_ladder(k: int, gamma: float, d: int, seed: int = 0):
-    """``(levels, costs)``: ``f^l = f + 2^-l sin(x + phi_l)`` with seeded phases, cost ``2^(gamma l)``."""
-    gen = torch.Generator().manual_seed(seed)
-    phases = torch.rand(k, d, generator=gen, dtype=torch.float64) * 2 * math.pi
-    levels = [
-        (lambda t, y, l=l: _true_drift(t, y) + 2.0**-l * torch.sin(y + phases[l - 1].to(y.dtype)))
-        for l in range(1, k + 1)
-    ]
-    return levels, [2.0 ** (gamma * l) for l in range(1, k + 1)]
+__all__ = ["run_toy_demo", "format_rows", "DemoRow"]
 
 
 @dataclass
@@ -50,8 +35,9 @@ def run_toy_demo(k: int = 6, gamma: float = 3.0, d: int = 4, paths: int = 256, s
     y0 = torch.ones(paths, d, dtype=torch.float64)
     ts = torch.tensor([0.0, T], dtype=torch.float64)
     bm = GridBrownian(t0=0.0, t1=T, dt=fine_dt, size=(paths, d), seed=seed, dtype=torch.float64)
-    reference = sdeint(MultilevelSDE(_true_drift, 1.0), y0, ts, bm=bm, dt=fine_dt)[-1]
-    levels, costs = toy_ladder(k, gamma, d, seed)
+    reference = htmc_reference(y0, T, bm)
+    ladder = htmc_ladder(k, gamma, d, seed=seed)
+    levels, costs = ladder.levels, ladder.costs
 
     def rms(x: torch.Tensor) -> float:
         return float(((x - reference) ** 2).sum(-1).mean().sqrt())

@@ -231,14 +231,22 @@ class MultilevelDrift(nn.Module):
             raise ValueError(
                 f"the schedule {self.probabilities!r} depends on the step size: call sample(t, y, dt) with dt"
             )
+        if dt is not None and (isinstance(dt, bool) or not isinstance(dt, (int, float)) or not 0 < dt < float("inf")):
+            raise ValueError(f"dt must be a finite number > 0, got {dt!r}")
         costs = self._costs if costs is None else costs
         if costs is None:
             costs = torch.ones(self.num_levels, dtype=torch.float64)
-        p = torch.as_tensor(self.probabilities(t, dt, costs))
-        if p.dim() == 0 or p.shape[0] != self.num_levels:
+        raw = self.probabilities(t, dt, costs)
+        try:
+            p = torch.as_tensor(raw)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"probabilities: {self.probabilities!r} returned {type(raw).__name__}, "
+                            f"expected a tensor of {self.num_levels} values") from err
+        expected = (self.num_levels,) + (tuple(t.shape) if isinstance(t, torch.Tensor) else ())
+        if p.dim() == 0 or p.shape[0] != self.num_levels or (self.coupling == "batch" and tuple(p.shape) != expected):
             raise ValueError(
                 f"probabilities must give {self.num_levels} values (one per level), got shape {tuple(p.shape)} "
-                f"from {self.probabilities!r}"
+                f"(expected {expected}) from {self.probabilities!r}"
             )
         host = p.detach().to("cpu", torch.float64)
         if not ((host > 0) & (host <= 1)).all():
@@ -288,9 +296,9 @@ class MultilevelDrift(nn.Module):
         start = time.perf_counter()
         out = self.levels[m](t, y)
         seconds = time.perf_counter() - start
-        self._check_output(out, y, f"level {m + 1}", t)
-        for stats in self._all_stats():
+        for stats in self._all_stats():  # the work ran: it is paid for even if its output is refused
             stats.record_level(m, y.shape[0], seconds)
+        self._check_output(out, y, f"level {m + 1}", t)
         return out
 
     def _evaluate_base(self, t: TimeLike, y: torch.Tensor) -> torch.Tensor:

@@ -129,8 +129,8 @@ def _resolve_dt(dt, sde_dt, grid) -> Optional[float]:
 def _user_grid(grid, ts_host: np.ndarray, np_dtype) -> np.ndarray:
     arr = validate_grid("grid", grid).astype(np_dtype)
     if arr[0] != ts_host[0] or arr[-1] != ts_host[-1]:
-        raise ValueError(f"grid must start at ts[0]={ts_host[0]!r} and end at ts[-1]={ts_host[-1]!r}, "
-                         f"got [{arr[0]!r}, {arr[-1]!r}]")
+        raise ValueError(f"grid must start at ts[0]={float(ts_host[0])!r} and end at ts[-1]={float(ts_host[-1])!r}, "
+                         f"got [{float(arr[0])!r}, {float(arr[-1])!r}]")
     return arr
 
 
@@ -222,6 +222,7 @@ def sdeint(
     times = torch.as_tensor(times_np, dtype=ts.dtype).to(ts.device)
     steps = [float(h) for h in np.diff(times_np)]
 
+    _check_bm(protocol, bm, times[0], y0)
     solve_seed, coin_seed, bm_seed = solve_seeds(seed)
     multilevel = protocol.multilevel
     if multilevel is not None and seed is not None:
@@ -268,18 +269,24 @@ def _sdeint_poisson(protocol: _SDEProtocol, sde, y0, ts_host, bm, dt, grid, seed
     return (ys, stats) if return_stats else ys
 
 
+def _check_bm(protocol: _SDEProtocol, bm, t0, y0: torch.Tensor) -> None:
+    """A given Brownian motion must be callable with shape ``(batch, channels)`` matching the noise."""
+    if bm is None:
+        return
+    if not callable(bm):
+        raise TypeError(f"bm must be a Brownian motion bm(ta, tb), got {bm!r}")
+    shape = tuple(getattr(bm, "shape", ()))
+    channels = protocol.noise_channels(t0, y0)
+    if len(shape) != 2 or shape[0] != y0.shape[0] or shape[1] != channels:
+        raise ValueError(f"bm must have shape (batch={y0.shape[0]}, channels={channels}), got {shape}")
+
+
 def _noise_source(protocol: _SDEProtocol, bm, times: torch.Tensor, times_np: np.ndarray, y0, bm_seed: int):
     """``noise(n, t, y) = g(t, y) dW_n`` from ``bm`` or from a fresh GridBrownian on the step grid."""
     if bm is None:
         channels = protocol.noise_channels(times[0], y0)
         bm = GridBrownian(times_np.astype(np.float64), size=(y0.shape[0], channels), seed=bm_seed,
                           dtype=y0.dtype, device=y0.device)
-    elif not callable(bm):
-        raise TypeError(f"bm must be a Brownian motion bm(ta, tb), got {bm!r}")
-    else:
-        shape = tuple(getattr(bm, "shape", ()))
-        if len(shape) != 2 or shape[0] != y0.shape[0]:
-            raise ValueError(f"bm must have shape (batch={y0.shape[0]}, channels), got {shape}")
     if isinstance(bm, GridBrownian) and len(bm.times) == len(times_np) and np.array_equal(
         bm.times, times_np.astype(np.float64)
     ):
@@ -353,8 +360,8 @@ def odeint(
         raise ValueError("give options step_size or grid, not both")
     t_fwd = t_fwd.to(y0.device)
     if step_size is not None:
-        if isinstance(step_size, bool) or not isinstance(step_size, Number) or not step_size > 0:
-            raise ValueError(f"options['step_size'] must be a number > 0, got {step_size!r}")
+        if isinstance(step_size, bool) or not isinstance(step_size, Number) or not 0 < step_size < math.inf:
+            raise ValueError(f"options['step_size'] must be a finite number > 0, got {step_size!r}")
         grid = torchdiffeq_grid(t_fwd, step_size)
     elif user_grid is not None:
         user = torch.as_tensor(validate_grid("options['grid']", user_grid), dtype=t.dtype)

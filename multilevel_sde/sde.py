@@ -62,7 +62,7 @@ class MultilevelSDE(torch.nn.Module):
             raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}")
         if not callable(drift):
             raise TypeError(f"drift must be a MultilevelDrift or a callable f(t, y), got {drift!r}")
-        if dt is not None and (not isinstance(dt, Number) or not math.isfinite(dt) or dt <= 0):
+        if dt is not None and (isinstance(dt, bool) or not isinstance(dt, Number) or not math.isfinite(dt) or dt <= 0):
             raise ValueError(f"dt must be a finite number > 0, got {dt!r}")
         self.drift = drift
         self.noise_type = noise_type

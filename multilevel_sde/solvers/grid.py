@@ -103,7 +103,7 @@ def torchdiffeq_grid(t: torch.Tensor, step_size: float) -> torch.Tensor:
     """torchdiffeq's ``_grid_constructor_from_step_size`` (same arithmetic, on the CPU)."""
     t = t.detach().cpu()
     start, end = t[0], t[-1]
-    niters = torch.ceil((end - start) / step_size + 1).item()
+    niters = max(2, torch.ceil((end - start) / step_size + 1).item())
     grid = torch.arange(0, niters, dtype=t.dtype) * step_size + start
     grid[-1] = t[-1]
     return grid
