@@ -139,11 +139,24 @@ def test_shared_path_and_hybrid_levels():
     levels, _, _ = affine_ladder(3, D, 2)
     y0 = torch.randn(5, D, dtype=DTYPE)
     bm = mlsde.GridBrownian(t0=0.0, t1=1.0, dt=0.05, size=(5, D), seed=0, dtype=DTYPE)
-    ones = mlsde.MultilevelDrift(levels, [1.0, 1.0, 1.0], costs=[1, 2, 4])
-    jump = mlsde.sdeint(mlsde.MultilevelSDE(ones, 0.5, dt=0.05), y0, [0.0, 1.0], method="poisson", bm=bm)
     em = mlsde.sdeint(mlsde.MultilevelSDE(levels[-1], 0.5, dt=0.05), y0, [0.0, 1.0], bm=bm)
-    assert torch.allclose(jump, em, atol=1e-12)
+    for coupling in ("batch", "sample"):
+        ones = mlsde.MultilevelDrift(levels, [1.0, 1.0, 1.0], costs=[1, 2, 4], coupling=coupling)
+        jump = mlsde.sdeint(mlsde.MultilevelSDE(ones, 0.5, dt=0.05), y0, [0.0, 1.0], method="poisson", bm=bm)
+        assert torch.allclose(jump, em, atol=1e-12)
     hybrid = mlsde.MultilevelDrift(levels, [1.0, 0.2, 0.05], costs=[1, 2, 4], seed=0)
     _, st = mlsde.sdeint(mlsde.MultilevelSDE(hybrid, 0.5, dt=0.05), y0, [0.0, 1.0], method="poisson", bm=bm,
                          return_stats=True)
     assert st.jumps[0] == 0 and st.evaluations[0] >= 20  # level 1 on the grid, every step
+
+
+def test_per_sample_clocks_read_the_shared_path_through_the_bridge():
+    """Per-sample clocks on a shared GridBrownian: with a zero drift the state is sigma W(T) exactly,
+    whatever the jump times (the bridge pieces add up to the path's own increments)."""
+    zero = [lambda t, y: torch.zeros_like(y), lambda t, y: torch.zeros_like(y)]
+    drift = mlsde.MultilevelDrift(zero, [0.3, 0.1], costs=[1, 2], coupling="sample", seed=0)
+    bm = mlsde.GridBrownian(t0=0.0, t1=1.0, dt=0.125, size=(64, D), seed=5, dtype=DTYPE)
+    X, st = mlsde.sdeint(mlsde.MultilevelSDE(drift, 0.7, dt=0.125), torch.zeros(64, D, dtype=DTYPE), [0.0, 1.0],
+                         method="poisson", bm=bm, seed=1, return_stats=True)
+    assert sum(st.jumps) > 0
+    assert torch.allclose(X[-1], 0.7 * bm(0.0, 1.0), atol=1e-12)

@@ -64,14 +64,15 @@ def _shape_noise(std, xi: torch.Tensor, noise_type: str, d: int, per_sample: boo
 class _GaussianNoise:
     """Exact Gaussian increments ``int sigma dW`` from the solver's own generator."""
 
-    def __init__(self, sigma: _Sigma, channels: int, noise_type: str, d: int, generator, dtype, device):
-        self.sigma, self.channels, self.noise_type, self.d = sigma, channels, noise_type, d
+    def __init__(self, sigma: _Sigma, batch: int, channels: int, noise_type: str, d: int, generator, dtype, device):
+        self.sigma, self.batch, self.channels, self.noise_type, self.d = sigma, batch, channels, noise_type, d
         self.generator, self.dtype, self.device = generator, dtype, device
 
-    def __call__(self, a, b, n: int, per_sample: bool) -> torch.Tensor:
+    def __call__(self, a, b, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        n = self.batch if rows is None else rows.shape[0]
         std = torch.as_tensor(self.sigma.integrated_variance(a, b), dtype=torch.float64).clamp(min=0).sqrt()
         xi = torch.randn((n, self.channels), generator=self.generator, dtype=self.dtype, device=self.device)
-        return _shape_noise(std, xi, self.noise_type, self.d, per_sample)
+        return _shape_noise(std, xi, self.noise_type, self.d, rows is not None)
 
 
 class _BridgeNoise:
@@ -87,7 +88,7 @@ class _BridgeNoise:
     def _weighted(self, piece: torch.Tensor, t: float) -> torch.Tensor:
         return _shape_noise(self.sigma.at(t), piece, self.noise_type, self.d, False)
 
-    def __call__(self, a: float, b: float, n: int, per_sample: bool) -> torch.Tensor:
+    def __call__(self, a: float, b: float, rows=None) -> torch.Tensor:
         total = torch.zeros(self.bm.shape[0], self.d, dtype=self.bm.dtype, device=self.bm.device)
         times = self.bm.times
         while True:
@@ -110,6 +111,46 @@ class _BridgeNoise:
             total = total + self._weighted(piece, self.s)
             self.s = b
             return total
+
+
+class _PerSampleBridge:
+    """Noise from a ``GridBrownian`` for per-sample clocks: ``W`` at each sample's own times, by the
+    Brownian bridge between the grid values (and the sample's last time), exact in law.
+
+    Holds the path's cumulative values on its grid: ``steps x batch x channels`` numbers.
+    """
+
+    def __init__(self, bm: GridBrownian, t0: float, sigma: _Sigma, noise_type: str, d: int, generator):
+        start = bm.index_of(t0)
+        increments = torch.stack([bm.increment(i) for i in range(start, bm.num_steps)])
+        self.W = torch.cat([torch.zeros_like(increments[:1]), increments.cumsum(0)])  # (N + 1, batch, m)
+        self.times = torch.as_tensor(bm.times[start:], dtype=torch.float64)
+        self.last_t = torch.full((bm.shape[0],), float(bm.times[start]), dtype=torch.float64)
+        self.last_W = torch.zeros_like(self.W[0])
+        self.sigma, self.noise_type, self.d, self.generator = sigma, noise_type, d, generator
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        rows_cpu = rows.cpu()
+        cell = (torch.searchsorted(self.times, b, right=True) - 1).clamp(0, len(self.times) - 2)
+        grid_left, right = self.times[cell], self.times[cell + 1]
+        own = self.last_t[rows_cpu] > grid_left  # the sample's last time is inside this cell
+        left = torch.where(own, self.last_t[rows_cpu], grid_left)
+        dev = self.W.device
+        W_left = torch.where(own.to(dev).unsqueeze(-1), self.last_W[rows], self.W[cell.to(dev), rows])
+        W_right = self.W[(cell + 1).to(dev), rows]
+        span = (right - left).clamp(min=1e-300)
+        frac = ((b - left) / span).clamp(0, 1)
+        std = ((b - left) * (right - b) / span).clamp(min=0).sqrt()
+        z = torch.randn(W_left.shape, generator=self.generator, dtype=W_left.dtype, device=dev)
+        W_b = W_left + _col(frac, W_left) * (W_right - W_left) + _col(std, W_left) * z
+        increment = W_b - self.last_W[rows]
+        self.last_t[rows_cpu], self.last_W[rows] = b, W_b
+        sigma = self.sigma.constant if self.sigma.constant is not None else self.sigma.at(a)
+        return _shape_noise(sigma, increment, self.noise_type, self.d, self.sigma.constant is None)
+
+
+def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.to(device=like.device, dtype=like.dtype).unsqueeze(-1)
 
 
 def _rates(drift: MultilevelDrift, times: torch.Tensor, dt: float) -> torch.Tensor:
@@ -145,13 +186,11 @@ def integrate_poisson(
     per_sample = drift.coupling == "sample"
     sigma = _Sigma(sigma_fn, sigma_constant)
     if bm is not None:
-        if per_sample:
-            raise ValueError("method='poisson' with coupling='sample' draws its own noise: pass bm=None "
-                             "(per-sample clocks cannot share one GridBrownian), or use coupling='batch'")
-        noise = _BridgeNoise(bm, float(ts[0]), sigma, noise_type, d, noise_generator)
+        bridge = _PerSampleBridge if per_sample else _BridgeNoise
+        noise = bridge(bm, float(ts[0]), sigma, noise_type, d, noise_generator)
     else:
         channels = 1 if noise_type == "scalar" else d
-        noise = _GaussianNoise(sigma, channels, noise_type, d, noise_generator, y0.dtype, y0.device)
+        noise = _GaussianNoise(sigma, batch, channels, noise_type, d, noise_generator, y0.dtype, y0.device)
 
     n_grid = int(math.ceil((ts[-1] - ts[0]) / dt - 1e-9))
     grid_t = torch.as_tensor(np.append(ts[0] + dt * np.arange(n_grid), ts[-1]), dtype=torch.float64)
@@ -251,7 +290,7 @@ def _advance(y, s, t, hybrid, noise, rows=None):
     """Moves from ``s`` to ``t`` without jumps: scalars for the whole batch, or per-sample ``(n,)`` times
     for the samples ``rows`` (``y`` then holds those samples only)."""
     per_sample = rows is not None
-    step = noise(s, t, y.shape[0], per_sample)
+    step = noise(s, t, rows)
     if hybrid is not None:
         h = t - s
         if per_sample:
