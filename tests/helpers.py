@@ -49,3 +49,14 @@ def mlp(d: int, width: int, seed: int) -> torch.nn.Module:
         for param in net.parameters():
             param.copy_(torch.randn(param.shape, generator=gen, dtype=DTYPE) / param.shape[-1] ** 0.5)
     return net
+
+
+class SharedPath:
+    """A Brownian path of batch 1 served to a whole batch (every sample sees the same noise)."""
+
+    def __init__(self, bm, batch):
+        self.bm, self.shape, self.dtype, self.device = bm, (batch, bm.shape[1]), bm.dtype, bm.device
+        self.levy_area_approximation = "none"
+
+    def __call__(self, ta, tb):
+        return self.bm(ta, tb).expand(self.shape)

@@ -3,7 +3,7 @@
 import torch
 
 import multilevel_sde as mlsde
-from helpers import DTYPE, affine_ladder, moment_within
+from helpers import DTYPE, SharedPath, affine_ladder, moment_within
 
 D = 2
 
@@ -46,16 +46,10 @@ def test_stratified_coins_reduce_final_state_variance_at_equal_cost():
     x0 = torch.full((4000, D), 0.5, dtype=DTYPE)
     bm = mlsde.GridBrownian(t0=0.0, t1=1.0, dt=0.02, size=(1, D), seed=0, dtype=DTYPE)
 
-    class Shared:
-        shape, dtype, device, levy_area_approximation = (4000, D), DTYPE, torch.device("cpu"), "none"
-
-        def __call__(self, ta, tb):
-            return bm(ta, tb).expand(4000, D)
-
     spread, cost = {}, {}
     for coins in ("independent", "stratified"):
         drift = mlsde.MultilevelDrift(levels, [0.6, 0.2, 0.05], costs=[1, 2, 4], coupling="sample", coins=coins)
-        X, st = mlsde.sdeint(mlsde.MultilevelSDE(drift, 0.5, dt=0.02), x0, [0.0, 1.0], bm=Shared(), seed=0,
+        X, st = mlsde.sdeint(mlsde.MultilevelSDE(drift, 0.5, dt=0.02), x0, [0.0, 1.0], bm=SharedPath(bm, 4000), seed=0,
                              return_stats=True)
         spread[coins], cost[coins] = float(X[-1].var(0).sum()), st.expected_cost
     assert cost["independent"] == cost["stratified"]

@@ -7,7 +7,7 @@ import torchdiffeq
 import torchsde
 
 import multilevel_sde as mlsde
-from helpers import DTYPE, affine_ladder, mean_within, moment_within
+from helpers import DTYPE, SharedPath, affine_ladder, mean_within, moment_within
 
 D = 3
 
@@ -140,7 +140,7 @@ def test_conditional_mean_and_covariance_of_a_linear_ladder():
     drift = mlsde.MultilevelDrift(levels, p.tolist(), costs=[1, 2, 4], coupling="sample", seed=0)
     x0 = torch.randn(1, D, generator=torch.Generator().manual_seed(8), dtype=DTYPE)
     noise = mlsde.GridBrownian(t0=0.0, t1=h * n_steps, dt=h, size=(1, D), seed=3, dtype=DTYPE)
-    shared = _SharedPath(noise, batch)  # one Brownian path for every sample: only the coins vary
+    shared = SharedPath(noise, batch)  # one Brownian path for every sample: only the coins vary
     ts = torch.tensor([0.0, h * n_steps], dtype=DTYPE)
     XN = mlsde.sdeint(mlsde.MultilevelSDE(drift, sigma, dt=h), x0.expand(batch, D), ts, bm=shared)[-1]
 
@@ -163,15 +163,6 @@ def test_conditional_mean_and_covariance_of_a_linear_ladder():
     moment_within((centred.unsqueeze(2) * centred.unsqueeze(1)).reshape(batch, -1), S.reshape(-1))
 
 
-class _SharedPath:
-    """A Brownian path of batch 1 served to a whole batch (every sample sees the same noise)."""
-
-    def __init__(self, bm, batch):
-        self.bm, self.shape, self.dtype, self.device = bm, (batch, bm.shape[1]), bm.dtype, bm.device
-        self.levy_area_approximation = "none"
-
-    def __call__(self, ta, tb):
-        return self.bm(ta, tb).expand(self.shape)
 
 
 def test_grid_brownian_statistics_and_sharing():

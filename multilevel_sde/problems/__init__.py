@@ -7,9 +7,10 @@
     sde = ou.sde(ladder.drift(mlsde.InverseCost(c=2.0)), dt=1e-2)
 """
 
+from .gaussian_diffusion import GaussianMixtureDiffusion, diffusion_ladder
 from .htmc import htmc_drift, htmc_ladder, htmc_reference
 from .ladders import KINDS, Ladder, perturbed_ladder
 from .linear import GeometricBrownianMotion, LinearSDE, OrnsteinUhlenbeck
 
 __all__ = ["OrnsteinUhlenbeck", "GeometricBrownianMotion", "LinearSDE", "Ladder", "perturbed_ladder", "KINDS",
-           "htmc_drift", "htmc_ladder", "htmc_reference"]
+           "htmc_drift", "htmc_ladder", "htmc_reference", "GaussianMixtureDiffusion", "diffusion_ladder"]
