@@ -1,0 +1,168 @@
+"""Samplers: DDPM (EM), DDIM (Euler) and their multilevel versions, on the core's solvers.
+
+Every method shares, for one ``seed``, the initial noise ``x_T`` and one Brownian path on the fine
+T-step solver-time grid (``GridBrownian``, counter-based: nothing is stored); a respaced method's step reads
+the sum of the fine increments it spans. Coins come from the drift's own stream.
+
+    images, stats = sample([small, medium, large], (3, 32, 32), batch=16, method="ddpm", steps=250,
+                           probabilities=mlsde.InverseCost(c=...), seed=0)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._random import check_seed, derive_seed, fresh_seed, make_generator
+from ..brownian import GridBrownian
+from ..drift import MultilevelDrift
+from ..integrate import odeint, sdeint
+from ..sde import MultilevelSDE
+from ..stats import Stats
+from .levels import DenoiserLevel, LinearPart
+from .schedule import NoiseSchedule, StepGrid, respaced_timesteps
+
+__all__ = ["sample", "SampleResult", "initial_noise", "BASES"]
+
+BASES = ("zero", "linear")
+_STREAM_XT, _STREAM_PATH, _STREAM_COINS = 10, 11, 12
+
+
+@dataclass
+class SampleResult:
+    """Images ``(B, C, H, W)`` and what they cost: ``stats`` (evaluations, calls, wall time per level; cost in
+    the ladder's unit, FLOPs when measured), ``flops`` (total), ``seconds`` (wall time of the solve)."""
+
+    images: torch.Tensor
+    stats: Stats
+    flops: float
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+
+def initial_noise(shape: Sequence[int], seed: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``x_T ~ N(0, I)`` of ``shape`` from the stream of ``seed`` shared by every method."""
+    gen = make_generator(derive_seed(seed, _STREAM_XT), device or "cpu")
+    return torch.randn(tuple(shape), generator=gen, device=device, dtype=dtype)
+
+
+def _diffusion_of(grid: StepGrid, device):
+    """``g(s) = sigma_n / sqrt(h_n)`` on step ``n``, so that ``g dW = sigma_n z`` with ``z = dW / sqrt(h_n)``."""
+    g = torch.as_tensor(grid.sigma / np.sqrt(grid.h), dtype=torch.float64, device=device)
+    mids = torch.as_tensor((grid.times[:-1] + grid.times[1:]) / 2, dtype=torch.float64, device=device)
+
+    def sigma(s):
+        n = torch.searchsorted(mids, torch.as_tensor(s, dtype=torch.float64, device=device)).clamp(max=len(g) - 1)
+        return g[n]
+
+    return sigma
+
+
+def sample(
+    models: Union[nn.Module, Sequence[nn.Module]],
+    image_shape: Sequence[int],
+    batch: int = 16,
+    method: str = "ddpm",
+    steps: int = 1000,
+    schedule: Optional[NoiseSchedule] = None,
+    probabilities=None,
+    costs: Optional[Sequence[float]] = None,
+    coupling: str = "batch",
+    coins="independent",
+    base: str = "zero",
+    prediction: str = "eps",
+    clip: Optional[float] = 1.0,
+    seed: Optional[int] = None,
+    x_T: Optional[torch.Tensor] = None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    callback: Optional[Callable[[int, torch.Tensor], None]] = None,
+    drift: Optional[MultilevelDrift] = None,
+) -> SampleResult:
+    """Samples ``batch`` images with DDPM (EM) or DDIM (Euler), single-level or multilevel.
+
+    Args:
+        models: one network (plain EM/DDIM) or a ladder, cheapest first (ML-EM when ``probabilities`` is
+            given; with a ladder and no probabilities only the top network is used).
+        image_shape: ``(C, H, W)``.
+        method: "ddpm" (ancestral, stochastic) or "ddim" (eta = 0).
+        steps: number of steps, respaced from the schedule's T (e.g. 1000, 250).
+        probabilities: an ML-EM schedule (``mlsde.Constant``, ``InverseCost``, ``Sigmoid``, ...).
+        costs: per-sample cost of each network (default: FLOPs measured by the flop counter).
+        coupling, coins: as in ``MultilevelDrift`` ("batch" coins run each network on the whole batch).
+        base: "zero" (the paper's ``f^0 = 0``) or "linear" (``f^0`` = the drift with ``x0 = 0``).
+        prediction, clip: see ``levels.DenoiserLevel``.
+        seed: seeds ``x_T``, the Brownian path and the coins (None: fresh; kept in ``settings``).
+        x_T: initial noise ``(batch, C, H, W)`` (default: from ``seed``).
+        callback: ``callback(n, x)`` after each step with the images ``(B, C, H, W)``.
+        drift: a ready ``MultilevelDrift`` over levels built for this grid (overrides models/probabilities).
+    """
+    if method not in ("ddpm", "ddim"):
+        raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
+    if base not in BASES:
+        raise ValueError(f"base must be one of {BASES}, got {base!r}")
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    if not models:
+        raise ValueError("models must hold at least one network")
+    schedule = schedule or NoiseSchedule.cosine()
+    seed = check_seed(seed)
+    seed = fresh_seed() if seed is None else seed
+    device = torch.device(device) if device is not None else _device_of(models[-1])
+    grid = StepGrid(schedule, respaced_timesteps(schedule.T, steps), method)
+    shape = (batch, *image_shape)
+    if x_T is None:
+        x_T = initial_noise(shape, seed, device, dtype)
+    elif tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+    y0 = x_T.reshape(batch, -1).to(device=device, dtype=dtype)
+
+    if drift is None:
+        drift = build_drift(models, grid, image_shape, probabilities, costs, coupling, coins, base, prediction,
+                            clip, device, seed)
+    ts = torch.tensor([grid.times[0], grid.times[-1]], dtype=torch.float64, device=device)
+    times = torch.as_tensor(grid.times, dtype=torch.float64)
+    step_callback = None if callback is None else (lambda n, t, y: callback(n, y.reshape(shape)))
+    start = time.perf_counter()
+    with torch.no_grad():
+        if method == "ddim":
+            out, stats = odeint(drift, y0, ts, options={"grid": times}, return_stats=True, progress=progress,
+                                callback=step_callback)
+        else:
+            bm = GridBrownian(grid.fine_grid(), size=(batch, y0.shape[1]), seed=derive_seed(seed, _STREAM_PATH),
+                              dtype=dtype, device=device)
+            sde = MultilevelSDE(drift, _diffusion_of(grid, device))
+            out, stats = sdeint(sde, y0, ts, bm=bm, grid=times, return_stats=True, progress=progress,
+                                callback=step_callback)
+    seconds = time.perf_counter() - start
+    flops = stats.cost if stats.cost_unit == "flops" else float("nan")
+    settings = dict(method=method, steps=steps, batch=batch, seed=seed, coupling=coupling, base=base,
+                    multilevel=isinstance(drift, MultilevelDrift), schedule=schedule.kind)
+    return SampleResult(out[-1].reshape(shape), stats, flops, seconds, settings)
+
+
+def build_drift(models, grid: StepGrid, image_shape, probabilities=None, costs=None, coupling="batch",
+                coins="independent", base="zero", prediction="eps", clip=1.0, device=None, seed=0):
+    """The drift of the sampling SDE: the top network alone (a ``DenoiserLevel``, counted like a one-level
+    ladder with p = 1) or a ``MultilevelDrift`` over every network."""
+    levels = [DenoiserLevel(m, grid, image_shape, prediction, clip, device) for m in models]
+    if probabilities is None:
+        levels, probabilities = levels[-1:], [1.0]
+        costs = None if costs is None else list(costs)[-1:]
+    return MultilevelDrift(levels, probabilities, costs=costs, coupling=coupling, coins=coins,
+                           base=LinearPart(grid, device) if base == "linear" else None,
+                           seed=derive_seed(seed, _STREAM_COINS), check_finite=False)
+
+
+def _device_of(model) -> torch.device:
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
