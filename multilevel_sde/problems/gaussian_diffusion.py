@@ -46,22 +46,13 @@ import torch
 
 from ..sde import MultilevelSDE
 from .ladders import Ladder
+from .linear import _number
 
 __all__ = ["GaussianMixtureDiffusion", "diffusion_ladder"]
 
 F64 = torch.float64
 TimeLike = Union[float, torch.Tensor]
 _LOG_2PI = math.log(2 * math.pi)
-
-
-def _finite_number(name: str, value, *, positive: bool = False) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Number) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    return float(value)
 
 
 def _array(name: str, value) -> torch.Tensor:
@@ -120,8 +111,8 @@ class GaussianMixtureDiffusion:
             if weights.shape != (K,) or (weights < 0).any() or weights.sum() <= 0:
                 raise ValueError(f"weights must be {K} non-negative numbers with a positive sum, got {weights.tolist()}")
             weights = weights / weights.sum()
-        self.T = _finite_number("T", T, positive=True)
-        self.t_min = _finite_number("t_min", t_min, positive=True)
+        self.T = _number("T", T, positive=True)
+        self.t_min = _number("t_min", t_min, positive=True)
         if not self.t_min < self.T:
             raise ValueError(f"need 0 < t_min < T, got t_min={t_min!r}, T={T!r}")
         self.means, self.stds, self.weights = means, stds.clone(), weights
@@ -217,11 +208,11 @@ class GaussianMixtureDiffusion:
 
     def marginal_mean(self, t: float) -> torch.Tensor:
         """``E[Y_t] = a_t E[Y_0]`` ``(d,)`` float64."""
-        return math.exp(-_finite_number("t", t)) * self.data_mean()
+        return math.exp(-_number("t", t)) * self.data_mean()
 
     def marginal_covariance(self, t: float) -> torch.Tensor:
         """``Cov[Y_t] = a_t^2 Cov[Y_0] + (1 - a_t^2) I`` ``(d, d)`` float64."""
-        t = _finite_number("t", t)
+        t = _number("t", t)
         return math.exp(-2 * t) * self.data_covariance() - math.expm1(-2 * t) * torch.eye(self.d, dtype=F64)
 
     # -- sampling -----------------------------------------------------------------------------------
@@ -230,7 +221,7 @@ class GaussianMixtureDiffusion:
         """``n`` exact samples of ``p_t`` ``(n, d)`` (``t = 0``: the data)."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        t = _finite_number("t", t)
+        t = _number("t", t)
         if t < 0:
             raise ValueError(f"t must be >= 0, got {t!r}")
         a = math.exp(-t)
@@ -333,9 +324,9 @@ def diffusion_ladder(problem: GaussianMixtureDiffusion, k: int, gamma: float, c:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     k = int(k)
-    gamma = _finite_number("gamma", gamma, positive=True)
-    c = _finite_number("c", c, positive=True)
-    scale = _finite_number("scale", scale, positive=True)
+    gamma = _number("gamma", gamma, positive=True)
+    c = _number("c", c, positive=True)
+    scale = _number("scale", scale, positive=True)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     eps_list = [2.0**-l for l in range(1, k + 1)] if eps is None else [float(e) for e in eps]
