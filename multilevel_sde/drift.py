@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from ._random import check_seed, fresh_seed, make_generator
@@ -141,6 +143,7 @@ class MultilevelDrift(nn.Module):
         costs_vec = _validate_costs(costs, self.num_levels)
         self.stats = Stats(self.num_levels, costs=None if costs_vec is None else costs_vec.tolist())
         self._costs = costs_vec
+        self._plan_cache = None
         self._trackers: list[Stats] = []
         self._recording = False
         self.recorded: list[CoinRecord] = []
@@ -161,6 +164,7 @@ class MultilevelDrift(nn.Module):
 
     def set_costs(self, costs: Sequence[float], unit: str = "given") -> None:
         self._costs = _validate_costs(costs, self.num_levels)
+        self._plan_cache = None
         for stats in (self.stats, *self._trackers):
             stats.costs, stats.cost_unit = self._costs.tolist(), unit
 
@@ -370,32 +374,52 @@ class MultilevelDrift(nn.Module):
         """
         self._check_state(y)
         costs = self._require_costs(t, y)
-        p = self.probabilities_at(t, dt, costs)
-        p_host = p.detach().to("cpu", torch.float64)
+        plan = self._step_plan(t, dt, costs)
         batch = y.shape[0]
-        coins = self.draw_coins(p_host, batch)
+        coins = self.draw_coins(plan.p_host, batch)
         if self._recording:
-            self.recorded.append(CoinRecord(_time_float(t), _float_or_nan(dt), p_host, coins.clone()))
-        expected = float(self._expected_cost_of(p_host, costs).sum()) * (batch if p_host.dim() == 1 else 1)
-        theory = float((p_host * costs.reshape(-1, *([1] * (p_host.dim() - 1)))).sum()) * (
-            batch if p_host.dim() == 1 else 1
-        )
+            self.recorded.append(CoinRecord(_time_float(t), _float_or_nan(dt), plan.p_host, coins.clone()))
+        scale = batch if plan.p_host.dim() == 1 else 1
         for stats in self._all_stats():
-            stats.record_step(batch, expected, theory)
+            stats.record_step(batch, plan.expected * scale, plan.theory * scale)
+        if self.base is None and not plan.attached and not bool(coins.any()):
+            return torch.zeros_like(y)  # no coin came up: nothing to evaluate (the common case for small dt)
 
+        p = plan.p
         p_b = p.unsqueeze(-1) if coins.dim() > p.dim() else p
         weights = coins.to(device=p.device, dtype=p.dtype) / p_b  # B_l / p_l, differentiable in p
         coef = weights - torch.cat([weights[1:], torch.zeros_like(weights[:1])])  # c_m, m = 1..k
-        need = (coins | torch.cat([coins[1:], torch.zeros_like(coins[:1])])) & ~self._cancelling(
-            p_host.unsqueeze(-1).expand(coins.shape) if coins.dim() > p_host.dim() else p_host
-        )
+        cancel = plan.cancel.unsqueeze(-1).expand(coins.shape) if coins.dim() > plan.cancel.dim() else plan.cancel
+        need = (coins | torch.cat([coins[1:], torch.zeros_like(coins[:1])])) & ~cancel
         if self.coupling == "batch":
             out, outputs = self._combine_batch(t, y, coins, need, coef, weights)
         else:
             out, outputs = self._combine_sample(t, y, coins, need, coef, weights)
-        if self.check_finite and not bool(torch.isfinite(out).all()):
+        if self.check_finite and outputs and not bool(torch.isfinite(out).all()):
             self._raise_non_finite(t, y, outputs)
         return out
+
+    def _step_plan(self, t: TimeLike, dt: Optional[float], costs: torch.Tensor) -> "_StepPlan":
+        """The probabilities of a step and what follows from them (host copy, expected and theory cost per
+        sample, cancelling levels); cached per ``dt`` for schedules that do not depend on time."""
+        cacheable = not getattr(self.probabilities, "time_dependent", True)
+        key = (dt, self.probabilities.extra_repr() if hasattr(self.probabilities, "extra_repr") else None)
+        if cacheable and self._plan_cache is not None and self._plan_cache[0] == key:
+            return self._plan_cache[1]
+        p = self.probabilities_at(t, dt, costs)
+        p_host = p.detach().to("cpu", torch.float64)
+        column = costs.reshape(-1, *([1] * (p_host.dim() - 1)))
+        plan = _StepPlan(
+            p=p,
+            p_host=p_host,
+            expected=float(self._expected_cost_of(p_host, costs).sum()),
+            theory=float((p_host * column).sum()),
+            cancel=self._cancelling(p_host),
+            attached=p.requires_grad or fwAD.unpack_dual(p).tangent is not None,
+        )
+        if cacheable and not plan.attached:
+            self._plan_cache = (key, plan)
+        return plan
 
     def _combine_batch(self, t, y, coins, need, coef, weights):
         out, outputs = None, {}
@@ -449,6 +473,16 @@ class MultilevelDrift(nn.Module):
 
     def extra_repr(self) -> str:
         return f"k={self.num_levels}, coupling={self.coupling!r}, coins={self.coins!r}, seed={self.seed}"
+
+
+@dataclass
+class _StepPlan:
+    p: torch.Tensor
+    p_host: torch.Tensor
+    expected: float  # per sample (summed over samples for per-sample probabilities)
+    theory: float
+    cancel: torch.Tensor
+    attached: bool  # p carries a gradient (reverse or forward mode)
 
 
 def _is_per_sample(t, batch: int) -> bool:

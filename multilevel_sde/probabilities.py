@@ -54,6 +54,7 @@ class Schedule(nn.Module):
     """
 
     per_unit_time: bool = False
+    time_dependent: bool = False  # True when p depends on t (steps cannot share one evaluation)
 
     def num_levels(self) -> Optional[int]:
         """Number of levels the schedule is tied to, or None when it adapts to ``len(costs)``."""
@@ -175,6 +176,8 @@ class Theorem1(Schedule):
         self.k = max(1, math.ceil(math.log2(1.0 / eps) - 1e-12))
         self.G_k = self.geometric_sum(self.gamma, self.k)
         self.A = self.scale * 9.0 * self.G_k / eps**2
+        levels = torch.arange(1, self.k + 1, dtype=torch.float64)
+        self._rates = self.A * 2.0 ** (-(1.0 + self.gamma / 2.0) * levels)
 
     @staticmethod
     def geometric_sum(gamma: float, k: int) -> float:
@@ -186,8 +189,7 @@ class Theorem1(Schedule):
 
     def rates(self) -> torch.Tensor:
         """``lambda_l = A * 2 ** (-(1 + gamma/2) * l)``, shape ``(k,)``: the rates before clipping."""
-        levels = torch.arange(1, self.k + 1, dtype=torch.float64)
-        return self.A * 2.0 ** (-(1.0 + self.gamma / 2.0) * levels)
+        return self._rates.clone()
 
     def cost_bound(self, T: float, c: float = 1.0) -> float:
         """Theorem 1's bound on the expected cost (one evaluation per drawn level): ``T A c^gamma G_k``."""
@@ -199,7 +201,7 @@ class Theorem1(Schedule):
                 f"Theorem1(eps={self.eps}) needs k = ceil(log2(1/eps)) = {self.k} levels, "
                 f"but the ladder has {costs.numel()}"
             )
-        return self._broadcast(torch.clamp(self.rates() * abs(float(dt)), max=1.0), t)
+        return self._broadcast(torch.clamp(self._rates * abs(float(dt)), max=1.0), t)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, gamma={self.gamma}, k={self.k}, A={self.A:.4g}"
@@ -211,6 +213,8 @@ class Sigmoid(Schedule):
     ``a`` and ``b`` are ``nn.Parameter`` of shape ``(k,)``; ``t`` is used as given (normalise it to
     ``[0, 1]`` through ``time_scale``: the schedule sees ``t * time_scale``).
     """
+
+    time_dependent = True
 
     def __init__(
         self,
@@ -266,6 +270,7 @@ class _CallableSchedule(Schedule):
         super().__init__()
         self.fn = fn
         self.per_unit_time = bool(getattr(fn, "per_unit_time", False))
+        self.time_dependent = bool(getattr(fn, "time_dependent", True))
 
     def forward(self, t: TimeLike, dt: float, costs: torch.Tensor) -> torch.Tensor:
         return self.fn(t, dt, costs)
