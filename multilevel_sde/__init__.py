@@ -13,6 +13,7 @@ from .coins import CoinScheme, IndependentCoins, Replay, StratifiedCoins
 from .cost import flops_per_sample, measure_costs, seconds_per_sample
 from .drift import MultilevelDrift, NonFiniteError
 from .integrate import odeint, sdeint
+from . import learning
 from .probabilities import Constant, InverseCost, PowerLaw, Schedule, Sigmoid, Theorem1
 from .scaling import GammaEstimate, PowerLawFit, cost_exponent, estimate_gamma, fit_power_law
 from .sde import MultilevelSDE
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "problems",
+    "learning",
     "MultilevelDrift",
     "MultilevelSDE",
     "NonFiniteError",

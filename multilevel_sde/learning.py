@@ -1,0 +1,794 @@
+"""Learned time-dependent probabilities (spec §8, the paper's Section 3.1) and best-of-N coin patterns.
+
+Given a ladder (a ``MultilevelDrift`` with costs), an SDE around it and paths with a reference solution,
+``fit_probabilities`` fits a ``Sigmoid`` schedule ``p_l(t) = floor + (1 - floor) sigmoid(a_l + b_l t)`` by SGD
+on the regularised objective (spec §8.2)
+
+    J(a, b) = E ||X_T - X_T^ref||^2  +  lam * sum_n sum_l p_l(t_n) C_l          (per path)
+
+with the combined gradient estimator of spec §8.5: a REINFORCE (score-function) term for the Bernoulli
+coins, a forward-mode term (one jvp along a random Gaussian direction, computed in the same forward pass
+as the primal solve with ``torch.autograd.forward_ad``, so memory does not depend on the number of steps)
+for the path derivative through the ``1/p`` weights with the coins held fixed, and the exact gradient of
+the regulariser. While learning, every sample has its own coins (``coupling="sample"``).
+
+``delta_sweep`` turns one learned schedule into a cost-error curve (``a_l + Delta`` for all ``l``, spec
+§8.6); ``best_of_n`` draws ``n`` batch-shared coin patterns and keeps the one with the smallest error on a
+selection set (spec §9.6), returned as a pattern to ``Replay``. ``evaluate`` measures a schedule (or a
+replayed pattern) on a set of paths: the mean loss and the realised cost by the core's exact rule.
+
+Honest evaluation: fit and select on one ``PathSet``; report numbers from another (held-out) one.
+Everything is generic: any ``MultilevelDrift``, any SDE built around it, any reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from numbers import Number
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from ._random import check_seed, derive_seed, make_generator
+from .brownian import GridBrownian
+from .coins import CoinScheme, Replay
+from .drift import MultilevelDrift
+from .integrate import sdeint
+from .probabilities import Constant, Schedule, Sigmoid, as_schedule
+from .sde import MultilevelSDE
+from .solvers.grid import uniform_grid, validate_grid
+from .stats import Stats
+
+__all__ = [
+    "LearningProblem",
+    "PathSet",
+    "Evaluation",
+    "GradientEstimate",
+    "FitResult",
+    "SweepPoint",
+    "BestOfN",
+    "squared_error",
+    "sigmoid_from_probabilities",
+    "shifted",
+    "bernoulli_score",
+    "regulariser",
+    "regulariser_gradient",
+    "JvpPass",
+    "path_jvp",
+    "estimate_gradient",
+    "fit_probabilities",
+    "evaluate",
+    "delta_sweep",
+    "best_of_n",
+]
+
+F64 = torch.float64
+
+# Child streams of a seed (derive_seed(seed, step, STREAM)): coins, directions, minibatches.
+_COINS, _DIRECTIONS, _MINIBATCH = 0, 1, 2
+
+
+def squared_error(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``||x - reference||^2`` per sample: ``(batch,)`` (summed over every non-batch dimension)."""
+    return (x - reference).pow(2).flatten(1).sum(1)
+
+
+# -- paths -----------------------------------------------------------------------------------------
+class _TabulatedBrownian:
+    """A Brownian path given by a table of increments on a grid: ``increments[n]`` is ``(batch, m)``.
+
+    Used for subsets of a ``GridBrownian`` (minibatches of a learning set); follows torchsde's protocol.
+    """
+
+    levy_area_approximation = "none"
+
+    def __init__(self, times: np.ndarray, increments: torch.Tensor):
+        self.times = np.asarray(times, dtype=np.float64)
+        self.table = increments
+        self._spacing = np.diff(self.times)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.table.shape[1:]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.table.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.table.device
+
+    def increment(self, i: int) -> torch.Tensor:
+        return self.table[i]
+
+    def index_of(self, t) -> int:
+        tf = float(t)
+        j = int(np.abs(self.times - tf).argmin())
+        if abs(self.times[j] - tf) > 0.25 * self._spacing[min(j, len(self._spacing) - 1)]:
+            raise ValueError(f"Brownian path queried at t={tf!r}, which is not on its grid")
+        return j
+
+    def __call__(self, ta, tb=None, return_U: bool = False, return_A: bool = False) -> torch.Tensor:
+        if return_U or return_A:
+            raise ValueError("no Levy area (levy_area_approximation='none')")
+        if tb is None:
+            ta, tb = self.times[0], ta
+        i, j = self.index_of(ta), self.index_of(tb)
+        if j < i:
+            raise ValueError(f"need ta <= tb, got ta={float(ta)!r}, tb={float(tb)!r}")
+        return self.table[i] if j == i + 1 else self.table[i:j].sum(0)
+
+    def select(self, index: torch.Tensor) -> "_TabulatedBrownian":
+        return _TabulatedBrownian(self.times, self.table.index_select(1, index.to(self.table.device)))
+
+
+@dataclass
+class PathSet:
+    """Initial points, Brownian paths and the reference solution at the final time, one row per path.
+
+    Attributes:
+        y0: ``(M, d)`` initial states.
+        bm: the Brownian motion of the ``M`` paths, shape ``(M, m)`` (a ``GridBrownian`` on the problem's
+            grid is fastest; any torchsde-style ``bm(ta, tb)`` works, but only a ``GridBrownian`` can be
+            split into minibatches).
+        reference: ``(M, ...)``: the reference solution ``X_T^ref`` of each path (what the loss compares
+            the ML-EM solution with), e.g. from ``LearningProblem.reference`` (EM with the top level on the
+            same path) or an exact strong solution.
+    """
+
+    y0: torch.Tensor
+    bm: object
+    reference: torch.Tensor
+
+    def __post_init__(self):
+        if not isinstance(self.y0, torch.Tensor) or self.y0.dim() != 2:
+            raise ValueError(f"y0 must be a (M, d) tensor, got {getattr(self.y0, 'shape', self.y0)!r}")
+        if not isinstance(self.reference, torch.Tensor) or self.reference.shape[0] != self.y0.shape[0]:
+            raise ValueError(f"reference must be a tensor with {self.y0.shape[0]} rows (one per path), got "
+                             f"{getattr(self.reference, 'shape', self.reference)!r}")
+        shape = tuple(getattr(self.bm, "shape", ()))
+        if not callable(self.bm) or len(shape) != 2 or shape[0] != self.y0.shape[0]:
+            raise ValueError(f"bm must be a Brownian motion of shape (M={self.y0.shape[0]}, m), got {shape}")
+        self._table: Optional[_TabulatedBrownian] = None
+
+    def __len__(self) -> int:
+        return self.y0.shape[0]
+
+    def _tabulated(self) -> _TabulatedBrownian:
+        if self._table is None:
+            if isinstance(self.bm, _TabulatedBrownian):
+                self._table = self.bm
+            elif isinstance(self.bm, GridBrownian):
+                table = torch.stack([self.bm.increment(i) for i in range(self.bm.num_steps)])
+                self._table = _TabulatedBrownian(self.bm.times, table)
+            else:
+                raise TypeError("only a GridBrownian path set can be split into subsets, got "
+                                f"{type(self.bm).__name__}")
+        return self._table
+
+    def subset(self, index: Union[torch.Tensor, Sequence[int]]) -> "PathSet":
+        """The paths ``index`` (their increments are copied from the path's grid)."""
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        if index.numel() == len(self) and torch.equal(index, torch.arange(len(self))):
+            return self
+        dev = self.y0.device
+        return PathSet(self.y0.index_select(0, index.to(dev)), self._tabulated().select(index),
+                       self.reference.index_select(0, index.to(self.reference.device)))
+
+
+# -- problem ---------------------------------------------------------------------------------------
+class LearningProblem:
+    """A ladder, the SDE around it and its time grid: what ``fit_probabilities`` and friends solve.
+
+    Args:
+        drift: a ``MultilevelDrift`` with known ``costs`` (``measure_costs`` first if needed). Its levels,
+            ``base``, costs, ``check_finite`` and ``prune_certain`` are used; its schedule, coupling and
+            coins are not (each solve builds a drift over the same levels with the schedule being learned
+            or evaluated, so ``drift`` itself is never modified).
+        sde: how to build the SDE around a drift: a callable ``make_sde(drift) -> sde`` (torchsde's
+            protocol, whose ``multilevel`` is that drift, e.g. ``lambda d: ou.sde(d)``), or a
+            ``MultilevelSDE`` whose diffusion, noise type and ``dt`` are reused.
+        t1: final time (with ``t0`` and ``dt``), or give ``grid``.
+        t0: initial time.
+        dt: step size of the uniform grid (torchsde's accumulation); default: the ``MultilevelSDE``'s ``dt``.
+        grid: the exact step times instead (non-uniform allowed).
+        loss: ``loss(x_T, reference) -> (M,)``, the per-path error (default ``squared_error``).
+
+    The Sigmoid schedule sees the solver's time ``t`` times its ``time_scale``; ``time_scale = 1 / t1`` maps
+    ``[0, t1]`` to ``[0, 1]`` (spec §8.1), see ``sigmoid_from_probabilities``.
+    """
+
+    def __init__(
+        self,
+        drift: MultilevelDrift,
+        sde: Union[MultilevelSDE, Callable],
+        t1: Optional[float] = None,
+        *,
+        t0: float = 0.0,
+        dt: Optional[float] = None,
+        grid: Optional[Union[Sequence[float], torch.Tensor, np.ndarray]] = None,
+        loss: Optional[Callable] = None,
+    ):
+        if not isinstance(drift, MultilevelDrift):
+            raise TypeError(f"drift must be a MultilevelDrift, got {type(drift).__name__}")
+        if drift.costs is None:
+            raise ValueError("the drift's costs are unknown: pass costs= to MultilevelDrift or call "
+                             "drift.measure_costs(t, y) first")
+        self.drift = drift
+        if grid is not None and dt is not None:
+            raise ValueError("give either dt or grid, not both")
+        if isinstance(sde, MultilevelSDE):
+            template = sde
+            self._make_sde = lambda d: MultilevelSDE(d, template.diffusion, template.noise_type, dt=template.dt)
+            dt = template.dt if dt is None and grid is None else dt
+        elif callable(sde):
+            self._make_sde = sde
+        else:
+            raise TypeError(f"sde must be a MultilevelSDE or a callable make_sde(drift) -> sde, got {sde!r}")
+        if grid is not None:
+            self.grid = validate_grid("grid", grid).astype(np.float64)
+        else:
+            if t1 is None or dt is None:
+                raise ValueError("give t1 and dt (or a MultilevelSDE with dt), or grid")
+            if not (isinstance(dt, Number) and math.isfinite(dt) and dt > 0):
+                raise ValueError(f"dt must be a finite number > 0, got {dt!r}")
+            if not float(t1) > float(t0):
+                raise ValueError(f"need t1 > t0, got t0={t0!r}, t1={t1!r}")
+            self.grid = uniform_grid(float(t0), float(t1), float(dt), np.float64)
+        self.loss = squared_error if loss is None else loss
+
+    # -- grid and costs -----------------------------------------------------------------------------
+    @property
+    def num_levels(self) -> int:
+        return self.drift.num_levels
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.grid) - 1
+
+    @property
+    def costs(self) -> torch.Tensor:
+        """Cost of one evaluation of each level per sample, float64 ``(k,)``."""
+        return self.drift.costs
+
+    def step_times(self) -> torch.Tensor:
+        """The times ``t_n`` at which the drift is estimated (``n = 0 .. N-1``), float64 ``(N,)``."""
+        return torch.as_tensor(self.grid[:-1], dtype=F64)
+
+    # -- solving ------------------------------------------------------------------------------------
+    def make_drift(self, schedule, coupling: str = "sample",
+                   coins: Union[str, CoinScheme, torch.Tensor] = "independent",
+                   seed: Optional[int] = 0) -> MultilevelDrift:
+        """A ``MultilevelDrift`` over the problem's levels with ``schedule``, ``coupling`` and ``coins``."""
+        d = self.drift
+        drift = MultilevelDrift(list(d.levels), schedule, costs=d.costs.tolist(), coupling=coupling, coins=coins,
+                                base=d.base, seed=seed, check_finite=d.check_finite, prune_certain=d.prune_certain)
+        drift.set_costs(d.costs.tolist(), d.cost_unit)
+        return drift
+
+    def solve(self, schedule, paths: PathSet, coupling: str = "sample",
+              coins: Union[str, CoinScheme, torch.Tensor] = "independent", seed: int = 0,
+              record: bool = False) -> tuple[torch.Tensor, Stats, MultilevelDrift]:
+        """ML-EM on ``paths`` with ``schedule``: ``(X_T (M, ...), stats, drift)`` (the coins recorded in
+        ``drift.recorded`` when ``record``). ``seed`` seeds the coins (the Brownian paths are ``paths.bm``)."""
+        drift = self.make_drift(schedule, coupling, coins)
+        sde = self._make_sde(drift)
+        if getattr(sde, "multilevel", None) is not drift:
+            raise ValueError("make_sde(drift) must return an SDE whose drift (.multilevel) is the given drift")
+        if record:
+            drift.record_coins()
+        y0 = paths.y0
+        ts = torch.tensor([self.grid[0], self.grid[-1]], dtype=y0.dtype if y0.is_floating_point() else F64)
+        ys, stats = sdeint(sde, y0, ts, bm=paths.bm, grid=self.grid, seed=seed, return_stats=True)
+        return ys[-1], stats, drift
+
+    def reference(self, y0: torch.Tensor, bm) -> torch.Tensor:
+        """EM with the top level ``f^k`` on the problem's grid and the path ``bm``: ``(M, d)`` at the final
+        time (ML-EM with every ``p = 1``, which is EM with ``f^k`` to the last bit)."""
+        top = Constant([1.0] * self.num_levels)
+        x, _, _ = self.solve(top, PathSet(y0, bm, torch.zeros_like(y0)), coupling="batch")
+        return x.detach()
+
+    def paths(self, y0: torch.Tensor, bm, reference: Optional[torch.Tensor] = None) -> PathSet:
+        """A ``PathSet``; ``reference=None`` takes ``reference(y0, bm)`` (EM with the top level)."""
+        return PathSet(y0, bm, self.reference(y0, bm) if reference is None else reference)
+
+
+# -- the Sigmoid schedule --------------------------------------------------------------------------
+def _check_sigmoid(schedule) -> Sigmoid:
+    if not isinstance(schedule, Sigmoid):
+        raise TypeError(f"learning needs a mlsde.Sigmoid schedule, got {type(schedule).__name__}")
+    return schedule
+
+
+def sigmoid_from_probabilities(probabilities, floor: float = 1e-3, time_scale: float = 1.0,
+                               costs: Optional[Sequence[float]] = None, t: float = 0.0, dt: float = 1.0,
+                               max_logit: float = 12.0) -> Sigmoid:
+    """A ``Sigmoid`` with ``b = 0`` equal to given constant probabilities (the spec's suggested start).
+
+    Args:
+        probabilities: ``k`` numbers in ``(0, 1]``, or a schedule evaluated at ``(t, dt, costs)``.
+        floor, time_scale: of the ``Sigmoid`` (``time_scale = 1 / T`` normalises time to ``[0, 1]``).
+        max_logit: ``|a_l|`` is capped here (``p = 1`` has no finite logit).
+    """
+    if isinstance(probabilities, torch.nn.Module) or callable(probabilities):
+        if costs is None:
+            raise ValueError("costs are needed to evaluate a schedule")
+        p = as_schedule(probabilities)(t, dt, torch.as_tensor(costs, dtype=F64))
+    else:
+        p = probabilities
+    p = torch.as_tensor(p, dtype=F64).detach().reshape(-1)
+    s = ((p - floor) / (1 - floor)).clamp(1e-300, 1.0)
+    a = (torch.log(s) - torch.log1p(-s)).clamp(-max_logit, max_logit)
+    return Sigmoid(a, floor=floor, time_scale=time_scale)
+
+
+def shifted(schedule: Sigmoid, delta: float) -> Sigmoid:
+    """A copy of ``schedule`` with ``a_l + delta`` for every level (``b`` unchanged; spec §8.6)."""
+    out = copy.deepcopy(_check_sigmoid(schedule))
+    with torch.no_grad():
+        out.a.add_(float(delta))
+    return out
+
+
+def _sigmoid_terms(schedule: Sigmoid, times: torch.Tensor):
+    """``(s, p, tau)`` at ``times`` ``(N,)``: ``s = sigmoid(z)`` and ``p`` of shape ``(N, k)``, ``tau = t * scale``."""
+    with torch.no_grad():
+        z = schedule.logits(times.to(schedule.a.device)).detach().to("cpu", F64).T  # (N, k)
+    s = torch.sigmoid(z)
+    p = schedule.floor + (1.0 - schedule.floor) * s
+    tau = times.to(F64) * schedule.time_scale
+    return s, p, tau
+
+
+def bernoulli_score(coins: torch.Tensor, p: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``d/dz log P(B)`` for ``B ~ Bernoulli(p)``, ``p = floor + (1 - floor) sigmoid(z)``, ``s = sigmoid(z)``.
+
+    Equals ``(B - p) / (p (1 - p)) * dp/dz`` with ``dp/dz = (1 - floor) s (1 - s)`` (spec §8.3), simplified to
+    ``(B - p) s / p`` (bounded; ``B - p`` when ``floor = 0``). Shapes broadcast (e.g. ``coins (N, k, M)``,
+    ``p, s (N, k, 1)``).
+    """
+    return (coins.to(p.dtype) - p) * (s / p)
+
+
+def regulariser(schedule: Sigmoid, times: torch.Tensor, costs: torch.Tensor, lam: float) -> torch.Tensor:
+    """``lam * sum_n sum_l p_l(t_n) C_l`` (per path), differentiable in ``a``, ``b``."""
+    p = schedule(times.to(schedule.a.device), None, costs)  # (k, N)
+    return lam * (p * costs.to(p).reshape(-1, 1)).sum()
+
+
+def regulariser_gradient(schedule: Sigmoid, times: torch.Tensor, costs: torch.Tensor, lam: float):
+    """The exact gradient of ``regulariser``: ``lam C_l sum_n (1 - floor) s (1 - s) (1, tau_n)`` (spec §12
+    item 20), as ``(grad_a (k,), grad_b (k,))`` float64."""
+    s, _, tau = _sigmoid_terms(_check_sigmoid(schedule), times)
+    dp = (1.0 - schedule.floor) * s * (1 - s)  # (N, k)
+    c = lam * costs.to("cpu", F64)
+    return c * dp.sum(0), c * (dp * tau[:, None]).sum(0)
+
+
+# -- the gradient estimator ------------------------------------------------------------------------
+class _DualSigmoid(Schedule):
+    """The Sigmoid with per-sample dual parameters ``a, b`` of shape ``(k, M)``: ``p`` is ``(k, M)``,
+    carrying the tangent ``dp/dtheta . v_m`` of each sample's own direction ``v_m``."""
+
+    def __init__(self, floor: float, time_scale: float, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.floor, self.time_scale = floor, time_scale
+        self._a, self._b = a, b
+
+    def num_levels(self) -> int:
+        return self._a.shape[0]
+
+    def forward(self, t, dt, costs):
+        tt = torch.as_tensor(t, dtype=self._a.dtype, device=self._a.device) * self.time_scale
+        if tt.dim() != 0:
+            raise ValueError("learning needs one time per step (a scalar t), got a tensor of times")
+        return self.floor + (1.0 - self.floor) * torch.sigmoid(self._a + self._b * tt)
+
+
+@dataclass
+class GradientEstimate:
+    """One draw of the combined estimator of ``grad J`` (spec §8.5), and what the pass measured.
+
+    ``grad_a``, ``grad_b``: the estimate ``(k,)`` (= ``reinforce + path + regulariser``, each a pair
+    ``(a-part, b-part)``). ``losses``: ``(M,)`` per-path errors. ``error``: their mean. ``regulariser``:
+    ``lam sum p C`` per path. ``objective``: ``error + regulariser``. ``cost``: realised cost per path (exact
+    rule); ``expected_cost``, ``theory_cost``: per path. ``reinforce_variance`` and
+    ``reinforce_variance_baseline``: the estimated variance (trace) of the REINFORCE term without and with
+    the leave-one-out baseline, both measured on this pass whichever was used. ``per_sample``: ``(M, 2k)``
+    per-sample contributions of the REINFORCE and path terms (their mean is the estimate less the
+    regulariser).
+    """
+
+    grad_a: torch.Tensor
+    grad_b: torch.Tensor
+    reinforce: tuple
+    path: tuple
+    regulariser_grad: tuple
+    losses: torch.Tensor
+    error: float
+    regulariser: float
+    objective: float
+    cost: float
+    expected_cost: float
+    theory_cost: float
+    reinforce_variance: float
+    reinforce_variance_baseline: float
+    per_sample: torch.Tensor
+
+    @property
+    def grad(self) -> torch.Tensor:
+        """``(2k,)``: ``grad_a`` then ``grad_b``."""
+        return torch.cat([self.grad_a, self.grad_b])
+
+
+def _variance_of_mean(contrib: torch.Tensor) -> float:
+    """Trace of the covariance of the mean of the rows of ``contrib`` ``(M, q)``."""
+    m = contrib.shape[0]
+    return float(contrib.var(0, unbiased=True).sum() / m) if m > 1 else float("nan")
+
+
+@dataclass
+class JvpPass:
+    """One forward-mode solve (``path_jvp``): ``losses`` ``(M,)``; ``jvp`` ``(M,)``, the tangent ``u_m`` of
+    ``l_m`` along sample ``m``'s direction; ``coins`` bool ``(N, k, M)`` and ``times`` ``(N,)`` of the steps;
+    ``stats`` of the solve."""
+
+    losses: torch.Tensor
+    jvp: torch.Tensor
+    coins: torch.Tensor
+    times: torch.Tensor
+    stats: Stats
+
+
+def path_jvp(problem: LearningProblem, schedule: Sigmoid, paths: PathSet, directions: torch.Tensor, *,
+             coins: Union[str, CoinScheme, torch.Tensor] = "independent", seed: int = 0) -> JvpPass:
+    """Per-sample losses and their jvp along per-sample directions, in one forward pass (spec §8.4).
+
+    Sample ``m`` gets its own copy of ``(a, b)`` carrying the tangent ``directions[:, :, m]``
+    (``directions`` is ``(2, k, M)``: ``v_a`` then ``v_b``), so ``jvp[m] = grad_theta l_m . v_m`` with the
+    coins held fixed (the derivative through the ``1/p`` weights). Forward-mode AD under ``no_grad``: no
+    graph is kept, so memory does not depend on the number of steps. Coins are per sample
+    (``coupling="sample"``), drawn from ``seed`` or replayed from a pattern (``coins=``).
+    """
+    _check_sigmoid(schedule)
+    k, M = problem.num_levels, len(paths)
+    directions = torch.as_tensor(directions, dtype=F64)
+    if tuple(directions.shape) != (2, k, M):
+        raise ValueError(f"directions must have shape (2, k={k}, M={M}), got {tuple(directions.shape)}")
+    a0, b0 = schedule.a.detach(), schedule.b.detach()
+    dev, dtype = a0.device, a0.dtype
+    with torch.no_grad(), fwAD.dual_level():
+        a = fwAD.make_dual(a0.reshape(k, 1).expand(k, M).contiguous(), directions[0].to(dev, dtype).contiguous())
+        b = fwAD.make_dual(b0.reshape(k, 1).expand(k, M).contiguous(), directions[1].to(dev, dtype).contiguous())
+        dual = _DualSigmoid(schedule.floor, schedule.time_scale, a, b)
+        x, stats, drift = problem.solve(dual, paths, coupling="sample", coins=coins, seed=seed, record=True)
+        primal, tangent = fwAD.unpack_dual(problem.loss(x, paths.reference))
+        losses = primal.detach().to("cpu", F64).reshape(M)
+        u = torch.zeros(M, dtype=F64) if tangent is None else tangent.detach().to("cpu", F64).reshape(M)
+    recorded = drift.recorded_coins()
+    if recorded.dim() == 2:
+        recorded = recorded.unsqueeze(-1).expand(-1, -1, M)
+    times = torch.tensor([r.t for r in drift.recorded], dtype=F64)
+    return JvpPass(losses, u, recorded, times, stats)
+
+
+def estimate_gradient(problem: LearningProblem, schedule: Sigmoid, paths: PathSet, lam: float = 0.0, *,
+                      baseline: bool = False, direction: str = "sample", seed: int = 0) -> GradientEstimate:
+    """One draw of the combined estimator of ``grad_{a,b} J`` on ``paths`` (spec §8.5).
+
+    ``g = (1/M) sum_m [ (l_m - beta_m) S_m + u_m v_m ] + lam grad sum_n sum_l p_l(t_n) C_l`` where
+
+    - ``S_m = sum_n sum_l d/dtheta log P(B^m_{l,n})``: the REINFORCE score of sample ``m``'s own coins
+      (``bernoulli_score`` times ``(1, tau_n)``, ``tau_n = t_n * time_scale``);
+    - ``u_m``: the jvp of ``l_m`` along ``v_m ~ N(0, I_2k)`` with the coins held fixed (the path derivative
+      through the ``1/p`` weights), computed by forward-mode AD in the same pass as ``l_m`` (``path_jvp``):
+      memory does not depend on the number of steps. ``direction="sample"``: one ``v_m`` per path (spec
+      §8.5); ``"batch"``: one ``v`` shared by the batch;
+    - ``beta_m``: 0, or with ``baseline=True`` the leave-one-out mean ``(sum_j l_j - l_m) / (M - 1)``
+      (independent of sample ``m``'s coins, so the estimate stays unbiased);
+    - the regulariser's gradient is exact (``regulariser_gradient``).
+
+    ``seed`` fixes the coins and directions of this draw.
+    """
+    _check_sigmoid(schedule)
+    if direction not in ("sample", "batch"):
+        raise ValueError(f"direction must be 'sample' or 'batch', got {direction!r}")
+    seed = check_seed(seed)
+    if seed is None:
+        raise ValueError("seed must be a non-negative integer")
+    k, M = problem.num_levels, len(paths)
+    if baseline and M < 2:
+        raise ValueError("the leave-one-out baseline needs at least 2 paths")
+    gen = make_generator(derive_seed(seed, _DIRECTIONS))
+    v = torch.randn(2, k, M if direction == "sample" else 1, generator=gen, dtype=F64).expand(2, k, M)
+    run = path_jvp(problem, schedule, paths, v, seed=derive_seed(seed, _COINS))
+    losses, u, coins, times, stats = run.losses, run.jvp, run.coins, run.times, run.stats
+    s, p, tau = _sigmoid_terms(schedule, times)
+    score = bernoulli_score(coins, p.unsqueeze(-1), s.unsqueeze(-1))  # (N, k, M)
+    S = torch.cat([score.sum(0), (score * tau.reshape(-1, 1, 1)).sum(0)]).T  # (M, 2k)
+    if M > 1:
+        loo = (losses.sum() - losses) / (M - 1)
+    else:
+        loo = torch.zeros_like(losses)
+    weight = losses - loo if baseline else losses
+    reinforce_contrib = weight[:, None] * S
+    path_contrib = u[:, None] * v.reshape(2 * k, M).T
+    reinforce = reinforce_contrib.mean(0)
+    path = path_contrib.mean(0)
+    costs = problem.costs
+    reg_a, reg_b = regulariser_gradient(schedule, times, costs, lam)
+    reg_value = float(regulariser(schedule, times, costs, lam).detach())
+    grad_a = reinforce[:k] + path[:k] + reg_a
+    grad_b = reinforce[k:] + path[k:] + reg_b
+    error = float(losses.mean())
+    return GradientEstimate(
+        grad_a=grad_a, grad_b=grad_b,
+        reinforce=(reinforce[:k], reinforce[k:]), path=(path[:k], path[k:]), regulariser_grad=(reg_a, reg_b),
+        losses=losses, error=error, regulariser=reg_value, objective=error + reg_value,
+        cost=stats.cost / M, expected_cost=stats.expected_cost / M, theory_cost=stats.theory_cost / M,
+        reinforce_variance=_variance_of_mean(losses[:, None] * S),
+        reinforce_variance_baseline=_variance_of_mean((losses - loo)[:, None] * S),
+        per_sample=reinforce_contrib + path_contrib,
+    )
+
+
+# -- fitting ---------------------------------------------------------------------------------------
+@dataclass
+class FitResult:
+    """``schedule``: the fitted ``Sigmoid`` (a copy; the initial one is untouched). ``history``: one dict
+    per SGD step, measured on that step's minibatch before the update: ``step``, ``error``, ``regulariser``,
+    ``objective``, ``cost`` (realised per path, exact rule), ``expected_cost``, ``theory_cost``,
+    ``grad_norm`` and its parts ``reinforce_norm``, ``path_norm``, ``regulariser_norm``,
+    ``reinforce_variance`` and ``reinforce_variance_baseline``, and ``a``, ``b`` before the step.
+    ``settings``: the arguments."""
+
+    schedule: Sigmoid
+    history: list
+    settings: dict = field(default_factory=dict)
+
+
+def _make_optimizer(optimizer, params, lr: float):
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if callable(optimizer):
+        return optimizer(params)
+    raise ValueError(f"optimizer must be 'sgd', 'adam' or a callable(params) -> torch.optim.Optimizer, "
+                     f"got {optimizer!r}")
+
+
+def fit_probabilities(problem: LearningProblem, schedule: Sigmoid, paths: PathSet, *, lam: float,
+                      steps: int = 50, batch: int = 300, lr: float = 0.3, optimizer="adam",
+                      normalize: bool = True, baseline: bool = False, direction: str = "sample",
+                      learn_b: bool = True, max_step: Optional[float] = None, lr_decay: str = "none",
+                      average: float = 0.0, seed: int = 0,
+                      callback: Optional[Callable] = None, progress: bool = False) -> FitResult:
+    """Fits ``schedule``'s ``a, b`` by SGD on ``J = E loss + lam sum_n sum_l p_l(t_n) C_l`` (spec §8.2, §8.5).
+
+    Args:
+        problem: the ladder, SDE and grid. schedule: the initial ``Sigmoid`` (not modified; e.g. from
+            ``sigmoid_from_probabilities``). paths: the learning set (keep a separate held-out set for
+            every reported number).
+        lam: the weight of the compute regulariser, in units of the loss per unit of the drift's costs.
+        steps, batch: SGD steps and paths per step (the paper: 50 and 300). Each step draws ``batch``
+            paths from ``paths`` without replacement (all of them when ``batch >= len(paths)``), fresh
+            coins and fresh directions.
+        lr, optimizer: ``"adam"`` (default) with ``lr = 0.3`` in logit units; ``"sgd"`` is the paper's literal
+            ``theta <- theta - lr g`` (with ``normalize``, ``lr`` of order 0.5); or ``callable(params) -> Optimizer``.
+            Adam's per-coordinate scaling suits the very different gradient sizes of cheap and expensive
+            levels (on the benchmark it went further in 50 steps than plain SGD; docs/learning.md).
+        normalize: divide the gradient by the first step's objective estimate (a constant: the same
+            minimiser, but ``lr`` becomes scale-free across problems whose errors and costs differ by orders
+            of magnitude). False: raw gradient.
+        baseline: use the leave-one-out baseline in the REINFORCE term (off by default, as in the paper).
+        direction: ``"sample"`` (one forward-gradient direction per path) or ``"batch"``.
+        learn_b: False keeps ``b`` fixed (time-independent probabilities).
+        max_step: cap on the Euclidean norm of one update ``lr * g`` (None: no cap).
+        lr_decay: ``"none"``, ``"linear"`` (to 0 at the last step) or ``"cosine"``.
+        average: return the average of the iterates over this final fraction of the steps (Polyak-Ruppert
+            averaging; 0: the last iterate, as in the paper).
+        seed: fixes the minibatches, coins and directions of every step.
+        callback: ``callback(step, record)`` after each step. progress: a tqdm bar.
+    """
+    _check_sigmoid(schedule)
+    for name, value in (("steps", steps), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not (isinstance(lam, Number) and math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if lr_decay not in ("none", "linear", "cosine"):
+        raise ValueError(f"lr_decay must be 'none', 'linear' or 'cosine', got {lr_decay!r}")
+    if not (isinstance(average, Number) and 0.0 <= average <= 1.0):
+        raise ValueError(f"average must lie in [0, 1], got {average!r}")
+    seed = check_seed(seed)
+    if seed is None:
+        raise ValueError("seed must be a non-negative integer")
+    fitted = copy.deepcopy(schedule)
+    fitted.a.requires_grad_(True)
+    fitted.b.requires_grad_(learn_b)
+    params = [fitted.a] + ([fitted.b] if learn_b else [])
+    opt = _make_optimizer(optimizer, params, lr)
+    if lr_decay == "linear":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / steps)
+    elif lr_decay == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
+    else:
+        sched = None
+    tail = max(1, math.ceil(average * steps)) if average > 0 else 0
+    sum_a, sum_b = torch.zeros_like(fitted.a.detach()), torch.zeros_like(fitted.b.detach())
+    total = len(paths)
+    scale = 1.0
+    history = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, disable=not progress, desc="fit p_l(t)", leave=False)
+    for step in range(steps):
+        step_seed = derive_seed(seed, step)
+        if batch >= total:
+            subset = paths
+        else:
+            gen = make_generator(derive_seed(step_seed, _MINIBATCH))
+            subset = paths.subset(torch.randperm(total, generator=gen)[:batch].sort().values)
+        est = estimate_gradient(problem, fitted, subset, lam, baseline=baseline, direction=direction, seed=step_seed)
+        if step == 0 and normalize:
+            scale = 1.0 / est.objective if est.objective > 0 else 1.0
+        grad_a, grad_b = est.grad_a * scale, est.grad_b * scale
+        if not learn_b:
+            grad_b = torch.zeros_like(grad_b)
+        if max_step is not None:
+            norm = float(lr * torch.cat([grad_a, grad_b]).norm())
+            if norm > max_step:
+                grad_a, grad_b = grad_a * (max_step / norm), grad_b * (max_step / norm)
+        record = {
+            "step": step, "error": est.error, "regulariser": est.regulariser, "objective": est.objective,
+            "cost": est.cost, "expected_cost": est.expected_cost, "theory_cost": est.theory_cost,
+            "grad_norm": float(est.grad.norm()),
+            "reinforce_norm": float(torch.cat(est.reinforce).norm()),
+            "path_norm": float(torch.cat(est.path).norm()),
+            "regulariser_norm": float(torch.cat(est.regulariser_grad).norm()),
+            "reinforce_variance": est.reinforce_variance,
+            "reinforce_variance_baseline": est.reinforce_variance_baseline,
+            "a": fitted.a.detach().cpu().tolist(), "b": fitted.b.detach().cpu().tolist(),
+        }
+        opt.zero_grad(set_to_none=True)
+        fitted.a.grad = grad_a.to(fitted.a)
+        if learn_b:
+            fitted.b.grad = grad_b.to(fitted.b)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if tail and step >= steps - tail:
+            sum_a += fitted.a.detach()
+            sum_b += fitted.b.detach()
+        history.append(record)
+        if callback is not None:
+            callback(step, record)
+        bar.update(1)
+    bar.close()
+    if tail:
+        with torch.no_grad():
+            fitted.a.copy_(sum_a / tail)
+            fitted.b.copy_(sum_b / tail)
+    fitted.a.requires_grad_(schedule.a.requires_grad)
+    fitted.b.requires_grad_(schedule.b.requires_grad)
+    settings = {"lam": lam, "steps": steps, "batch": batch, "lr": lr,
+                "optimizer": optimizer if isinstance(optimizer, str) else repr(optimizer),
+                "normalize": normalize, "objective_scale": scale, "baseline": baseline, "direction": direction,
+                "learn_b": learn_b, "max_step": max_step, "lr_decay": lr_decay, "average": average, "seed": seed,
+                "paths": total}
+    return FitResult(fitted, history, settings)
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    """A schedule (or a replayed coin pattern) measured on a set of paths.
+
+    ``error``: mean loss over the paths (the MSE with the default loss); ``error_se``: its standard error
+    over paths. ``cost``: realised cost per path by the core's exact rule (``stats.cost / M``);
+    ``expected_cost``: its expectation over the coins; ``theory_cost``: the paper's ``sum p C``, both per
+    path. ``losses``: ``(M,)``. ``stats``: the solve's ``Stats``.
+    """
+
+    error: float
+    error_se: float
+    cost: float
+    expected_cost: float
+    theory_cost: float
+    losses: torch.Tensor
+    stats: Optional[Stats] = None
+
+    def as_dict(self) -> dict:
+        return {"error": self.error, "error_se": self.error_se, "cost": self.cost,
+                "expected_cost": self.expected_cost, "theory_cost": self.theory_cost}
+
+
+def evaluate(problem: LearningProblem, schedule, paths: PathSet, *, coupling: str = "sample",
+             coins: Union[str, CoinScheme, torch.Tensor] = "independent", seed: int = 0) -> Evaluation:
+    """Runs ML-EM with ``schedule`` on ``paths`` (no gradients) and measures error and realised cost.
+
+    ``coupling="sample"`` with independent coins measures the error averaged over coin draws;
+    ``coupling="batch"`` shares one draw across the paths (GPU batching); ``coins`` may be a pattern
+    (``best_of_n(...).pattern``) to replay.
+    """
+    with torch.no_grad():
+        x, stats, _ = problem.solve(schedule, paths, coupling=coupling, coins=coins, seed=seed)
+        losses = problem.loss(x, paths.reference).detach().to("cpu", F64).reshape(-1)
+    M = losses.numel()
+    se = float(losses.std() / math.sqrt(M)) if M > 1 else float("nan")
+    return Evaluation(float(losses.mean()), se, stats.cost / M, stats.expected_cost / M, stats.theory_cost / M,
+                      losses, stats)
+
+
+@dataclass
+class SweepPoint:
+    """One point of a Delta sweep: the shift, the shifted schedule and its ``Evaluation``."""
+
+    delta: float
+    schedule: Sigmoid
+    evaluation: Evaluation
+
+    def as_dict(self) -> dict:
+        return {"delta": self.delta, **self.evaluation.as_dict()}
+
+
+def delta_sweep(schedule: Sigmoid, deltas: Sequence[float], evaluate: Callable[[Sigmoid], Evaluation]) -> list:
+    """The cost-error curve of one learned schedule: ``evaluate(shifted(schedule, delta))`` for each
+    ``delta`` (spec §8.6; ``delta > 0`` raises every ``p_l``: more compute, less error). Returns
+    ``SweepPoint``s in the order of ``deltas``. Evaluate on held-out paths, with one coin seed for all
+    ``delta`` (then the realised cost is monotone in ``delta`` too: each coin is ``u < p`` with the same
+    ``u``)."""
+    out = []
+    for delta in deltas:
+        s = shifted(schedule, float(delta))
+        out.append(SweepPoint(float(delta), s, evaluate(s)))
+    return out
+
+
+@dataclass
+class BestOfN:
+    """Result of ``best_of_n``: ``pattern`` (bool ``(N, k)``, the chosen batch-shared coins), ``index`` of
+    the chosen draw, and for every draw its ``errors`` and realised ``costs`` (per path) on the selection set,
+    and the coin ``seeds``. ``replay()`` gives the pattern as a ``Replay`` coin scheme."""
+
+    pattern: torch.Tensor
+    index: int
+    errors: list
+    costs: list
+    seeds: list
+    patterns: list
+
+    def replay(self) -> Replay:
+        return Replay(self.pattern)
+
+
+def best_of_n(problem: LearningProblem, schedule, paths: PathSet, n: int = 15, *, seed: int = 0) -> BestOfN:
+    """Draws ``n`` coin patterns shared by the batch (``coupling="batch"``) with ``schedule``'s
+    probabilities, measures each on the selection set ``paths`` and keeps the one with the smallest mean
+    loss (spec §9.6; the costs are reported, and nearly equal). Deterministic given ``seed``; ``n = 1`` is a
+    plain draw. Generate with ``evaluate(problem, schedule, heldout, coupling="batch", coins=result.pattern)``
+    (the ``1/p`` weights still come from ``schedule``)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    seed = check_seed(seed)
+    if seed is None:
+        raise ValueError("seed must be a non-negative integer")
+    errors, costs, seeds, patterns = [], [], [], []
+    for i in range(n):
+        draw_seed = derive_seed(seed, i)
+        with torch.no_grad():
+            x, stats, drift = problem.solve(schedule, paths, coupling="batch", seed=draw_seed, record=True)
+            losses = problem.loss(x, paths.reference).detach().to("cpu", F64)
+        errors.append(float(losses.mean()))
+        costs.append(stats.cost / len(paths))
+        seeds.append(draw_seed)
+        patterns.append(drift.recorded_coins())
+    index = int(np.argmin(errors))
+    return BestOfN(patterns[index], index, errors, costs, seeds, patterns)
