@@ -35,3 +35,23 @@ def test_demo_rejects_bad_arguments(capsys):
 def test_console_script_module_entry():
     done = subprocess.run([sys.executable, "-m", "multilevel_sde.cli", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and __version__ in done.stdout
+
+
+def test_train_then_sample_end_to_end(tmp_path, capsys):
+    """mlsde train (two tiny levels on the built-in data) then mlsde sample with EM and ML-EM."""
+    out = tmp_path / "ladder"
+    assert main(["train", "--preset", "cpu-xs", "--preset", "cpu-s", "--data", "default", "--image-size", "16",
+                 "--limit", "64", "--steps", "4", "--batch-size", "8", "--eval-size", "8", "--eval-every", "0",
+                 "--log-every", "2", "--out", str(out), "--no-progress"]) == 0
+    levels = sorted(str(p) for p in out.glob("level_*"))
+    assert len(levels) == 2 and all((out / p / "checkpoint.pt").exists() for p in levels)
+    png = tmp_path / "ml.png"
+    assert main(["sample", *levels, "--probs", "1,0.3", "--steps", "10", "--batch", "4", "--no-progress",
+                 "--out", str(png)]) == 0
+    record = json.loads(png.with_suffix(".json").read_text())
+    assert png.exists() and record["settings"]["multilevel"] and len(record["evaluations"]) == 2
+    assert record["evaluations"][1] < record["evaluations"][0] == 40
+    assert main(["sample", levels[-1], "--method", "ddim", "--steps", "5", "--batch", "2", "--no-progress",
+                 "--out", str(tmp_path / "em.png")]) == 0
+    assert main(["sample", str(tmp_path / "missing"), "--no-progress"]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -1,9 +1,16 @@
 """Diffusion models as ML-EM: cosine/linear schedules, DDPM/DDIM steps as (ML-)EM drifts, a ladder of
 depthwise-separable UNets, data, training and sampling. A client of the core, like any user."""
 
+from .data import ImageTensorDataset, celeba_dataset, default_dataset, folder_dataset, load_dataset, split_dataset
 from .levels import DenoiserLevel, LinearPart
 from .sample import SampleResult, build_drift, initial_noise, sample
 from .schedule import NoiseSchedule, StepGrid, cosine_alpha_bar, linear_betas, respaced_timesteps
+from .train import (TrainConfig, level_differences, load_checkpoint, load_level, save_checkpoint, train_ladder,
+                    train_level)
+from .unet import PRESETS, SeparableUNet, build_unet, ladder_presets, unet_flops
 
 __all__ = ["NoiseSchedule", "StepGrid", "cosine_alpha_bar", "linear_betas", "respaced_timesteps",
-           "DenoiserLevel", "LinearPart", "sample", "SampleResult", "build_drift", "initial_noise"]
+           "DenoiserLevel", "LinearPart", "sample", "SampleResult", "build_drift", "initial_noise",
+           "ImageTensorDataset", "default_dataset", "celeba_dataset", "folder_dataset", "load_dataset", "split_dataset",
+           "TrainConfig", "train_level", "train_ladder", "load_level", "level_differences", "save_checkpoint",
+           "load_checkpoint", "SeparableUNet", "build_unet", "ladder_presets", "unet_flops", "PRESETS"]
