@@ -10,6 +10,7 @@ to the last bit. The drift knows nothing of steppers.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -384,6 +385,11 @@ class MultilevelDrift(nn.Module):
             stats.record_step(batch, plan.expected * scale, plan.theory * scale)
         if self.base is None and not plan.attached and not bool(coins.any()):
             return torch.zeros_like(y)  # no coin came up: nothing to evaluate (the common case for small dt)
+        if self.coupling == "batch" and not plan.attached:  # plain numbers: no tensor bookkeeping
+            out, outputs = self._combine_batch_floats(t, y, coins.tolist(), plan)
+            if self.check_finite and outputs and not math.isfinite(float(out.detach().sum())):
+                self._raise_non_finite(t, y, outputs)
+            return out
 
         p = plan.p
         p_b = p.unsqueeze(-1) if coins.dim() > p.dim() else p
@@ -412,14 +418,31 @@ class MultilevelDrift(nn.Module):
         plan = _StepPlan(
             p=p,
             p_host=p_host,
+            p_list=p_host.tolist(),
             expected=float(self._expected_cost_of(p_host, costs).sum()),
             theory=float((p_host * column).sum()),
             cancel=self._cancelling(p_host),
+            cancel_list=self._cancelling(p_host).tolist(),
             attached=p.requires_grad or fwAD.unpack_dual(p).tangent is not None,
         )
         if cacheable and not plan.attached:
             self._plan_cache = (key, plan)
         return plan
+
+    def _combine_batch_floats(self, t, y, coins: list, plan: "_StepPlan"):
+        """``sum_m c_m f^m`` with one coin per level, the coefficients as Python floats."""
+        k = self.num_levels
+        weights = [1.0 / p if c else 0.0 for c, p in zip(coins, plan.p_list)] + [0.0]
+        out, outputs = None, {}
+        for m in reversed(range(k)):
+            if not (coins[m] or (m + 1 < k and coins[m + 1])) or plan.cancel_list[m]:
+                continue
+            f_m = outputs[m + 1] = self._evaluate(m, t, y)
+            out = _accumulate(out, f_m, weights[m] - weights[m + 1])
+        if self.base is not None:  # F = f^0 + sum_l w_l (f^l - f^{l-1}): f^0 enters with 1 - w_1
+            f_0 = outputs[0] = self._evaluate_base(t, y)
+            out = _accumulate(out, f_0, 1.0 - weights[0])
+        return (torch.zeros_like(y) if out is None else out), outputs
 
     def _combine_batch(self, t, y, coins, need, coef, weights):
         out, outputs = None, {}
@@ -483,6 +506,16 @@ class _StepPlan:
     theory: float
     cancel: torch.Tensor
     attached: bool  # p carries a gradient (reverse or forward mode)
+    p_list: list = None
+    cancel_list: list = None
+
+
+def _accumulate(out: Optional[torch.Tensor], f: torch.Tensor, coefficient: float) -> Optional[torch.Tensor]:
+    """``out + coefficient * f`` (``f`` itself when it is the first term with coefficient 1; a zero
+    coefficient still multiplies, so a level's NaN is not hidden)."""
+    if out is None:
+        return f if coefficient == 1.0 else coefficient * f
+    return out + f if coefficient == 1.0 else out + coefficient * f
 
 
 def _is_per_sample(t, batch: int) -> bool:
