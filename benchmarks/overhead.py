@@ -1,0 +1,578 @@
+"""Overhead benchmark of multilevel_sde (ML-EM) on the CPU.
+
+(a) Plain Euler–Maruyama: ``mlsde.sdeint`` against ``torchsde.sdeint(method="euler")`` on a
+    1000-dimensional Ornstein–Uhlenbeck process ``dX = -X dt + dW`` (diagonal noise, float32, batch 256,
+    dt = 1e-3 on [0, 1], outputs only at ``ts = [0, 1]``):
+      * each solver with its default noise source (ours: a GridBrownian on the step grid; torchsde: a
+        BrownianInterval)  -- target: ours >= 2x faster;
+      * both on the same pre-drawn increments (one shared ``mlsde.GridBrownian``) -- target: ours no slower,
+        and the same result;
+      * both with a zero-cost Brownian motion that returns a constant increment (the solver loops alone).
+(b) ML-EM bookkeeping: a ladder of 4 MLPs (widths 64..512, d = 64, batch 256) as the levels of a
+    ``MultilevelDrift`` inside a ``MultilevelSDE`` (diffusion 1, dt = 1e-3, 1000 steps), every p = 1 and
+    p = (1, 1/2, 1/4, 1/8), coupling "batch" and "sample". Reported per configuration:
+      * total solve time T, time inside level calls L = sum(stats.wall_time), (T - L) / T;
+      * E: a plain EM solve of the same SDE with a zero-cost drift (noise drawing + EM update + loop);
+      * bookkeeping B = T - L - E and B / T  -- target: <= 5 %;
+      * cross-check: D = the same level calls (same levels, same order, same batch sizes) made directly,
+        without any ML machinery; (T - D - E) / T;
+      * Z: the bookkeeping measured with the level cost taken out: the same solve (same coins, same
+        sub-batches) with zero-cost levels, T0 - L0 - E, per step and as a fraction of T.
+
+All variants of a part are interleaved within each repetition (the order rotates between repetitions),
+everything is warmed up first, and medians over the repetitions are reported. Everything runs under
+``torch.no_grad()``. Usage::
+
+    python benchmarks/overhead.py --quick      # reduced sizes, < 1 minute
+    python benchmarks/overhead.py              # full sizes, writes benchmarks/results/overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import multilevel_sde as mlsde
+
+try:
+    import torchsde
+except ImportError:  # pragma: no cover - part (a) needs it
+    torchsde = None
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEED = 1234
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def timed_only(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start, None
+
+
+def median(xs):
+    return float(statistics.median(xs))
+
+
+def loadavg():
+    try:
+        return list(os.getloadavg())
+    except OSError:  # pragma: no cover
+        return None
+
+
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_snapshot():
+    """(busy CPU seconds of the whole machine, CPU seconds of this process, wall clock); None without /proc."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(vals[:3]) + sum(vals[5:8])  # user nice system (idle iowait) irq softirq steal
+    return busy / _HZ, time.process_time(), time.perf_counter()
+
+
+def foreign_cores(a, b):
+    """Average number of cores other processes kept busy between two snapshots (None if unknown)."""
+    if a is None or b is None or b[2] <= a[2]:
+        return None
+    return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / (b[2] - a[2]))
+
+
+class QuietGate:
+    """Before each timed run, waits (up to ``max_wait`` s) until other processes use < ``threshold`` cores
+    over a ``window``-second sample. The machine is shared: runs disturbed anyway are flagged afterwards."""
+
+    def __init__(self, threshold: float, window: float, max_wait: float):
+        self.threshold, self.window, self.max_wait = threshold, window, max_wait
+
+    def wait(self) -> float:
+        start = time.perf_counter()
+        while True:
+            a = cpu_snapshot()
+            time.sleep(self.window)
+            load = foreign_cores(a, cpu_snapshot())
+            waited = time.perf_counter() - start
+            if load is None or load < self.threshold or waited >= self.max_wait:
+                return waited
+
+
+def run_interleaved(variants: dict, repeats: int, gate: QuietGate, log=print, max_repeats: int = 0):
+    """Runs every variant once per repetition, in an order that rotates between repetitions; after
+    ``repeats`` repetitions, goes on (up to ``max_repeats`` in all) while a variant has fewer than 3
+    undisturbed runs. Returns {name: [record, ...]}, a record being {"s": seconds, "extra": what the
+    variant returned beside its time, "foreign_cores": other processes' load during the run (cores),
+    "waited_s": time spent waiting for quiet before it}."""
+    names = list(variants)
+    recs = {n: [] for n in names}
+    r = 0
+    while r < repeats or (r < max_repeats and any(not chosen(recs[n], gate)[1] for n in names)):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            waited = gate.wait()
+            a = cpu_snapshot()
+            seconds, extra = variants[name]()
+            load = foreign_cores(a, cpu_snapshot())
+            recs[name].append({"s": seconds, "extra": extra, "foreign_cores": load, "waited_s": waited})
+        log(f"    repetition {r + 1}: " + ", ".join(
+            f"{n}={recs[n][-1]['s']:.3f}s" + ("*" if not is_clean(recs[n][-1], gate) else "") for n in names)
+            + "  (* disturbed)")
+        r += 1
+    return recs
+
+
+def is_clean(rec, gate: QuietGate) -> bool:
+    return rec["foreign_cores"] is None or rec["foreign_cores"] < gate.threshold
+
+
+def chosen(recs: list, gate: QuietGate):
+    """Indices of the runs the medians use: the undisturbed ones when there are >= 3, else all of them."""
+    clean = [i for i, r in enumerate(recs) if is_clean(r, gate)]
+    return (clean, True) if len(clean) >= 3 else (list(range(len(recs))), False)
+
+
+def med_of(recs: list, gate: QuietGate, key=lambda r: r["s"]) -> float:
+    idx, _ = chosen(recs, gate)
+    return median([key(recs[i]) for i in idx])
+
+
+def raw_of(recs: list) -> dict:
+    return {"s": [r["s"] for r in recs], "foreign_cores": [r["foreign_cores"] for r in recs],
+            "waited_s": [r["waited_s"] for r in recs]}
+
+
+# -- (a) Ornstein–Uhlenbeck: plain EM ---------------------------------------------------------------
+class OU(nn.Module):
+    """``dX = -X dt + dW`` in torchsde's protocol (no g_prod: both solvers form g * dW)."""
+
+    noise_type = "diagonal"
+    sde_type = "ito"
+
+    def f(self, t, y):
+        return -y
+
+    def g(self, t, y):
+        return torch.ones_like(y)
+
+
+class ConstantBrownian:
+    """A zero-cost 'Brownian motion': every query returns the same increment (times the solver loop alone)."""
+
+    levy_area_approximation = "none"
+
+    def __init__(self, increment: torch.Tensor):
+        self.increment = increment
+        self.shape, self.dtype, self.device = increment.shape, increment.dtype, increment.device
+
+    def __call__(self, ta, tb=None, return_U=False, return_A=False):
+        return self.increment
+
+
+def part_a(cfg, gate, log):
+    if torchsde is None:
+        raise SystemExit("part (a) needs torchsde (pip install torchsde)")
+    batch, dim, dt, t1 = cfg["a_batch"], cfg["a_dim"], cfg["dt"], cfg["a_t1"]
+    gen = torch.Generator().manual_seed(SEED)
+    y0 = torch.randn(batch, dim, generator=gen)
+    ts = torch.tensor([0.0, t1])
+    sde = OU()
+    ml_sde = mlsde.MultilevelSDE(lambda t, y: -y, 1.0, dt=dt)  # our own wrapper: plain callable drift
+    shared_bm = mlsde.GridBrownian(t0=0.0, t1=t1, dt=dt, size=(batch, dim), seed=0)
+    const_bm = ConstantBrownian(torch.randn(batch, dim, generator=gen) * dt ** 0.5)
+
+    def variants(ts_run):
+        return {
+            "ours_default": lambda: timed_only(lambda: mlsde.sdeint(sde, y0, ts_run, dt=dt, seed=SEED)),
+            "ours_default_MultilevelSDE": lambda: timed_only(lambda: mlsde.sdeint(ml_sde, y0, ts_run, seed=SEED)),
+            "torchsde_default": lambda: timed_only(lambda: torchsde.sdeint(sde, y0, ts_run, method="euler", dt=dt)),
+            "ours_shared_grid_bm": lambda: timed_only(lambda: mlsde.sdeint(sde, y0, ts_run, bm=shared_bm, dt=dt)),
+            "torchsde_shared_grid_bm": lambda: timed_only(
+                lambda: torchsde.sdeint(sde, y0, ts_run, bm=shared_bm, method="euler", dt=dt)),
+            "ours_constant_bm": lambda: timed_only(lambda: mlsde.sdeint(sde, y0, ts_run, bm=const_bm, dt=dt)),
+            "torchsde_constant_bm": lambda: timed_only(
+                lambda: torchsde.sdeint(sde, y0, ts_run, bm=const_bm, method="euler", dt=dt)),
+        }
+
+    with torch.no_grad():
+        log("  warm-up")
+        warm_ts = torch.tensor([0.0, cfg["warmup_t1"]])
+        for fn in variants(warm_ts).values():
+            fn()
+        # correctness: same increments -> same result
+        _, ys_ours = timed(lambda: mlsde.sdeint(sde, y0, ts, bm=shared_bm, dt=dt))
+        _, ys_tsde = timed(lambda: torchsde.sdeint(sde, y0, ts, bm=shared_bm, method="euler", dt=dt))
+        _, ys_ml = timed(lambda: mlsde.sdeint(ml_sde, y0, ts, bm=shared_bm))
+        _, ys_oc = timed(lambda: mlsde.sdeint(sde, y0, ts, bm=const_bm, dt=dt))
+        _, ys_tc = timed(lambda: torchsde.sdeint(sde, y0, ts, bm=const_bm, method="euler", dt=dt))
+        _, (_, st) = timed(lambda: mlsde.sdeint(sde, y0, ts, dt=dt, seed=SEED, return_stats=True))
+        checks = {
+            "max_abs_diff_shared_bm_ours_vs_torchsde": float((ys_ours - ys_tsde).abs().max()),
+            "max_abs_diff_shared_bm_MultilevelSDE_vs_torchsde": float((ys_ml - ys_tsde).abs().max()),
+            "max_abs_diff_constant_bm_ours_vs_torchsde": float((ys_oc - ys_tc).abs().max()),
+            "max_abs_value": float(ys_tsde.abs().max()),
+            "output_shape": list(ys_ours.shape),
+            "steps": st.steps,
+        }
+        log(f"  steps per solve: {st.steps}; max |ours - torchsde| on shared increments: "
+            f"{checks['max_abs_diff_shared_bm_ours_vs_torchsde']:.3g}")
+        recs = run_interleaved(variants(ts), cfg["repeats"], gate, log, cfg["max_repeats"])
+    med = {n: med_of(r, gate) for n, r in recs.items()}
+
+    def paired(num, den):  # per-repetition ratios, from repetitions where both runs were undisturbed
+        return [a["s"] / b["s"] for a, b in zip(recs[num], recs[den]) if is_clean(a, gate) and is_clean(b, gate)]
+
+    summary = {
+        "median_s": med,
+        "median_all_runs_s": {n: median([x["s"] for x in r]) for n, r in recs.items()},
+        "min_s": {n: min(x["s"] for x in r) for n, r in recs.items()},
+        "undisturbed_runs": {n: chosen(r, gate)[0] if chosen(r, gate)[1] else None for n, r in recs.items()},
+        "speedup_default_noise": med["torchsde_default"] / med["ours_default"],
+        "speedup_default_noise_MultilevelSDE": med["torchsde_default"] / med["ours_default_MultilevelSDE"],
+        "speedup_shared_grid_bm": med["torchsde_shared_grid_bm"] / med["ours_shared_grid_bm"],
+        "speedup_constant_bm": med["torchsde_constant_bm"] / med["ours_constant_bm"],
+        # the spread of the per-repetition ratios shows the noise of the machine
+        "ratios_shared_grid_bm_per_repetition": paired("torchsde_shared_grid_bm", "ours_shared_grid_bm"),
+        "ratios_default_per_repetition": paired("torchsde_default", "ours_default"),
+    }
+    summary["target_default_ge_2x"] = summary["speedup_default_noise"] >= 2.0
+    summary["target_shared_bm_ge_1x"] = summary["speedup_shared_grid_bm"] >= 1.0
+    return {"raw": {n: raw_of(r) for n, r in recs.items()}, "summary": summary, "checks": checks}
+
+
+# -- (b) ML-EM bookkeeping ----------------------------------------------------------------------------
+class MLPLevel(nn.Module):
+    """``f(t, y) = net(y)``, net = Linear(d, w) - Tanh - Linear(w, w) - Tanh - Linear(w, d)."""
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                                 nn.Linear(width, dim))
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+class ZeroLevel(nn.Module):
+    """A zero-cost level: a slice of one preallocated zero tensor (sub-batches included)."""
+
+    def __init__(self, like: torch.Tensor):
+        super().__init__()
+        self.zero = torch.zeros_like(like)
+
+    def forward(self, t, y):
+        return self.zero[: y.shape[0]]
+
+
+class ZeroDrift:
+    """A zero-cost drift: returns one preallocated zero tensor."""
+
+    def __init__(self, like: torch.Tensor):
+        self.zero = torch.zeros_like(like)
+
+    def __call__(self, t, y):
+        return self.zero
+
+
+def record_calls(drift: mlsde.MultilevelDrift, solve):
+    """The (level, batch size) of every level call made by ``solve()``, in order (forward pre-hooks)."""
+    log = []
+    handles = [lvl.register_forward_pre_hook(lambda mod, args, m=m: log.append((m, args[1].shape[0])))
+               for m, lvl in enumerate(drift.levels)]
+    try:
+        solve()
+    finally:
+        for h in handles:
+            h.remove()
+    return log
+
+
+def part_b(cfg, gate, log):
+    dim, batch, dt, t1 = cfg["b_dim"], cfg["b_batch"], cfg["dt"], cfg["b_t1"]
+    torch.manual_seed(SEED)
+    levels = [MLPLevel(dim, w) for w in cfg["widths"]]
+    for lvl in levels:
+        lvl.requires_grad_(False)
+    y0 = torch.randn(batch, dim, generator=torch.Generator().manual_seed(SEED))
+    costs = [mlsde.flops_per_sample(lvl, 0.0, y0) for lvl in levels]
+    # float64 output times: the grid accumulates t + dt in float64, so [0, 1] is exactly 1000 steps
+    ts = torch.tensor([0.0, t1], dtype=torch.float64)
+    warm_ts = torch.tensor([0.0, cfg["warmup_t1"]], dtype=torch.float64)
+    k = len(levels)
+    schedules = {"p=1": [1.0] * k, "p=2^-l": [2.0 ** -i for i in range(k)]}
+    configs = {f"{pn}/{c}": (p, c) for pn, p in schedules.items() for c in ("batch", "sample")}
+
+    zero_sde = mlsde.MultilevelSDE(ZeroDrift(y0), 1.0, dt=dt)
+    t_dummy = torch.tensor(0.0, dtype=torch.float64)
+    sdes, zero_sdes, call_logs = {}, {}, {}
+    zero_levels = [ZeroLevel(y0) for _ in levels]
+    for name, (p, coupling) in configs.items():
+        drift = mlsde.MultilevelDrift(levels, p, costs=costs, coupling=coupling, seed=0)
+        sdes[name] = mlsde.MultilevelSDE(drift, 1.0, dt=dt)
+        # the same ML machinery (same costs, coins, sub-batches) around zero-cost levels
+        zdrift = mlsde.MultilevelDrift(zero_levels, p, costs=costs, coupling=coupling, seed=0)
+        zero_sdes[name] = mlsde.MultilevelSDE(zdrift, 1.0, dt=dt)
+
+    def ml_solve(name, ts_run, table=sdes):
+        def run():
+            seconds, (ys, st) = timed(lambda: mlsde.sdeint(table[name], y0, ts_run, seed=SEED, return_stats=True))
+            return seconds, {"total_time_stats": st.total_time, "level_time": sum(st.wall_time),
+                             "level_time_per_level": list(st.wall_time), "calls": list(st.calls),
+                             "evaluations": list(st.evaluations), "steps": st.steps}
+        return run
+
+    def direct(name):
+        calls = call_logs[name]
+        ybuf = y0.clone()
+
+        def run():
+            start = time.perf_counter()
+            for m, b in calls:
+                levels[m](t_dummy, ybuf[:b])
+            return time.perf_counter() - start, None
+        return run
+
+    def em_zero(ts_run):
+        return lambda: timed_only(lambda: mlsde.sdeint(zero_sde, y0, ts_run, seed=SEED))
+
+    def noise_only(ts_run):
+        def run():
+            start = time.perf_counter()
+            bm = mlsde.GridBrownian(t0=0.0, t1=float(ts_run[-1]), dt=dt, size=(batch, dim), seed=SEED)
+            for n in range(bm.num_steps):
+                bm.increment(n)
+            return time.perf_counter() - start, None
+        return run
+
+    with torch.no_grad():
+        log("  warm-up and call logs")
+        for name in configs:
+            ml_solve(name, warm_ts)()
+            ml_solve(name, warm_ts, zero_sdes)()
+            call_logs[name] = record_calls(sdes[name].drift, lambda: mlsde.sdeint(sdes[name], y0, ts, seed=SEED))
+        for name in configs:
+            direct(name)()
+        em_zero(warm_ts)()
+        noise_only(warm_ts)()
+
+        variants = {"em_zero_drift": em_zero(ts), "noise_only": noise_only(ts)}
+        for name in configs:
+            variants[f"ml_solve[{name}]"] = ml_solve(name, ts)
+            variants[f"direct_levels[{name}]"] = direct(name)
+            variants[f"ml_solve_zero_levels[{name}]"] = ml_solve(name, ts, zero_sdes)
+        recs = run_interleaved(variants, cfg["repeats"], gate, log, cfg["max_repeats"])
+
+    e_med = med_of(recs["em_zero_drift"], gate)
+    results = {}
+    for name, (p, coupling) in configs.items():
+        ml, zl = recs[f"ml_solve[{name}]"], recs[f"ml_solve_zero_levels[{name}]"]
+        idx, clean = chosen(ml, gate)
+        tot = [ml[i]["s"] for i in idx]
+        lvl = [ml[i]["extra"]["level_time"] for i in idx]
+        # per run (each ML solve with its own level time), then the median
+        outside = [(t - lv) / t for t, lv in zip(tot, lvl)]
+        book = [(t - lv - e_med) / t for t, lv in zip(tot, lvl)]
+        t_med, l_med = median(tot), median(lvl)
+        d_med = med_of(recs[f"direct_levels[{name}]"], gate)
+        z_book = med_of(zl, gate, key=lambda r: r["s"] - r["extra"]["level_time"] - e_med)
+        first = ml[0]["extra"]
+        steps = first["steps"]
+        results[name] = {
+            "probabilities": p,
+            "coupling": coupling,
+            "steps": steps,
+            "calls": first["calls"],
+            "calls_replayed_directly": [sum(1 for m, _ in call_logs[name] if m == j) for j in range(k)],
+            "evaluations": first["evaluations"],
+            "medians_over_undisturbed_runs": clean,
+            "total_s": t_med,
+            "total_s_stats": median([ml[i]["extra"]["total_time_stats"] for i in idx]),
+            "level_s": l_med,
+            "level_s_per_level": [median([ml[i]["extra"]["level_time_per_level"][j] for i in idx]) for j in range(k)],
+            "level_us_per_step": l_med / steps * 1e6,
+            "direct_levels_s": d_med,
+            "em_zero_drift_s": e_med,
+            "outside_levels_frac": median(outside),
+            "bookkeeping_s": t_med - l_med - e_med,
+            "bookkeeping_frac": median(book),
+            "bookkeeping_us_per_step": (t_med - l_med - e_med) / steps * 1e6,
+            "bookkeeping_frac_crosscheck": (t_med - d_med - e_med) / t_med,
+            "bookkeeping_us_per_step_crosscheck": (t_med - d_med - e_med) / steps * 1e6,
+            "level_wall_time_vs_direct": l_med / d_med,
+            "zero_levels_total_s": med_of(zl, gate),
+            "zero_levels_level_s": med_of(zl, gate, key=lambda r: r["extra"]["level_time"]),
+            "zero_levels_bookkeeping_s": z_book,
+            "zero_levels_bookkeeping_us_per_step": z_book / steps * 1e6,
+            "zero_levels_bookkeeping_frac_of_T": z_book / t_med,
+            "zero_levels_calls": zl[0]["extra"]["calls"],
+            "target_bookkeeping_le_5pct": median(book) <= 0.05,
+        }
+    raw = {}
+    for n, r in recs.items():
+        raw[n] = raw_of(r)
+        if r[0]["extra"] is not None:
+            raw[n]["level_time_s"] = [x["extra"]["level_time"] for x in r]
+            raw[n]["level_time_per_level_s"] = [x["extra"]["level_time_per_level"] for x in r]
+            raw[n]["total_time_stats_s"] = [x["extra"]["total_time_stats"] for x in r]
+    return {
+        "costs_flops_per_sample": costs,
+        "widths": cfg["widths"],
+        "raw": raw,
+        "em_zero_drift_s": e_med,
+        "noise_only_s": med_of(recs["noise_only"], gate),
+        "configs": results,
+    }
+
+
+# -- main ----------------------------------------------------------------------------------------------
+def settings(quick: bool) -> dict:
+    cfg = {
+        "dt": 1e-3,
+        "a_batch": 256,
+        "a_dim": 1000,
+        "a_t1": 1.0,
+        "b_batch": 256,
+        "b_dim": 64,
+        "b_t1": 1.0,
+        "widths": [64, 128, 256, 512],
+        "repeats": 5,
+        "max_repeats": 10,
+        "warmup_t1": 0.05,
+    }
+    if quick:
+        cfg.update(a_t1=0.1, b_t1=0.2, repeats=3, max_repeats=3, warmup_t1=0.02)
+    return cfg
+
+
+def print_tables(res: dict) -> None:
+    a = res.get("part_a")
+    if a:
+        s, c = a["summary"], a["checks"]
+        print(f"\n(a) plain EM, OU d={res['settings']['a_dim']} batch={res['settings']['a_batch']} "
+              f"steps={c['steps']} (medians)")
+        print(f"  {'variant':32s} {'median s':>9s} {'min s':>9s} {'median(all) s':>13s}  undisturbed runs")
+        for n, v in s["median_s"].items():
+            und = s["undisturbed_runs"][n]
+            print(f"  {n:32s} {v:9.3f} {s['min_s'][n]:9.3f} {s['median_all_runs_s'][n]:13.3f}  "
+                  f"{'all (too few undisturbed)' if und is None else und}")
+        print(f"  speed-up default noise  (torchsde/ours): {s['speedup_default_noise']:.2f}x "
+              f"(MultilevelSDE wrapper: {s['speedup_default_noise_MultilevelSDE']:.2f}x)   target >= 2x: "
+              f"{'MET' if s['target_default_ge_2x'] else 'MISSED'}")
+        print(f"  speed-up shared GridBrownian          : {s['speedup_shared_grid_bm']:.3f}x   target >= 1x: "
+              f"{'MET' if s['target_shared_bm_ge_1x'] else 'MISSED'}  (per repetition: "
+              + ", ".join(f"{r:.3f}" for r in s["ratios_shared_grid_bm_per_repetition"]) + ")")
+        print(f"  speed-up constant bm (loops alone)    : {s['speedup_constant_bm']:.2f}x")
+        print(f"  max |ours - torchsde| (shared increments): {c['max_abs_diff_shared_bm_ours_vs_torchsde']:.3g} "
+              f"(MultilevelSDE: {c['max_abs_diff_shared_bm_MultilevelSDE_vs_torchsde']:.3g}; "
+              f"constant bm: {c['max_abs_diff_constant_bm_ours_vs_torchsde']:.3g})")
+    b = res.get("part_b")
+    if b:
+        print(f"\n(b) ML-EM bookkeeping, MLP ladder widths {b['widths']}, d={res['settings']['b_dim']}, "
+              f"batch={res['settings']['b_batch']} (medians)")
+        print(f"  E = plain EM with zero-cost drift: {b['em_zero_drift_s']:.3f}s "
+              f"(of which GridBrownian increments alone: {b['noise_only_s']:.3f}s)")
+        hdr = (f"  {'config':16s} {'steps':>5s} {'T s':>7s} {'L s':>7s} {'D s':>7s} {'(T-L)/T':>8s} "
+               f"{'B=(T-L-E)/T':>11s} {'us/step':>8s} {'(T-D-E)/T':>10s} {'Z us/step':>10s} {'Z/T':>6s} {'L/D':>5s}  calls")
+        print(hdr)
+        for n, r in b["configs"].items():
+            print(f"  {n:16s} {r['steps']:5d} {r['total_s']:7.3f} {r['level_s']:7.3f} {r['direct_levels_s']:7.3f} "
+                  f"{100 * r['outside_levels_frac']:7.1f}% {100 * r['bookkeeping_frac']:10.1f}% "
+                  f"{r['bookkeeping_us_per_step']:8.1f} {100 * r['bookkeeping_frac_crosscheck']:9.1f}% "
+                  f"{r['zero_levels_bookkeeping_us_per_step']:10.1f} {100 * r['zero_levels_bookkeeping_frac_of_T']:5.1f}% "
+                  f"{r['level_wall_time_vs_direct']:5.2f}  {r['calls']}"
+                  + ("" if r["medians_over_undisturbed_runs"] else "  (disturbed: medians of all runs)"))
+        ok = all(r["target_bookkeeping_le_5pct"] for r in b["configs"].values())
+        print(f"  target bookkeeping <= 5%: {'MET' if ok else 'MISSED'} "
+              "(T: solve, L: sum(stats.wall_time), D: same level calls made directly, E: zero-drift EM;\n"
+              "   Z: bookkeeping of the same solve with zero-cost levels, T0 - L0 - E)")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="reduced sizes (fewer steps, 3 repetitions): < 1 minute")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON output (default benchmarks/results/overhead.json, or overhead_quick.json)")
+    ap.add_argument("--repeats", type=int, default=None, help="repetitions per variant (>= 3; default 5, quick 3)")
+    ap.add_argument("--max-repeats", type=int, default=None,
+                    help="extra repetitions (up to this many in all) while a variant has < 3 undisturbed runs "
+                         "(default 10, quick 3)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    ap.add_argument("--parts", default="ab", help="which parts to run: a, b or ab (default)")
+    ap.add_argument("--quiet-threshold", type=float, default=0.25,
+                    help="a run is 'undisturbed' when other processes kept fewer cores busy (default 0.25); "
+                         "medians use the undisturbed runs when there are >= 3 of them")
+    ap.add_argument("--max-wait", type=float, default=None,
+                    help="seconds to wait for a quiet machine before each run (default 20, quick 2)")
+    args = ap.parse_args(argv)
+    cfg = settings(args.quick)
+    if args.repeats is not None:
+        if args.repeats < 3:
+            ap.error("--repeats must be >= 3")
+        cfg["repeats"] = args.repeats
+        cfg["max_repeats"] = max(cfg["max_repeats"], args.repeats)
+    if args.max_repeats is not None:
+        cfg["max_repeats"] = max(args.max_repeats, cfg["repeats"])
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out = args.out or RESULTS / ("overhead_quick.json" if args.quick else "overhead.json")
+    cfg["quiet_threshold_cores"] = args.quiet_threshold
+    cfg["quiet_window_s"] = 0.1 if args.quick else 0.2
+    cfg["quiet_max_wait_s"] = args.max_wait if args.max_wait is not None else (2.0 if args.quick else 20.0)
+    gate = QuietGate(cfg["quiet_threshold_cores"], cfg["quiet_window_s"], cfg["quiet_max_wait_s"])
+
+    res = {
+        "benchmark": "overhead",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "settings": cfg,
+        "seed": SEED,
+        "grad_mode": "torch.no_grad()",
+        "environment": {
+            "torch": torch.__version__,
+            "torchsde": getattr(torchsde, "__version__", None),
+            "multilevel_sde": mlsde.__version__,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "loadavg_start": loadavg(),
+        },
+    }
+    start = time.perf_counter()
+    if "a" in args.parts:
+        print("(a) plain EM against torchsde")
+        res["part_a"] = part_a(cfg, gate, print)
+    if "b" in args.parts:
+        print("(b) ML-EM bookkeeping overhead")
+        res["part_b"] = part_b(cfg, gate, print)
+    res["environment"]["loadavg_end"] = loadavg()
+    res["wall_s"] = time.perf_counter() - start
+    print_tables(res)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(f"\nsaved {out} ({res['wall_s']:.0f}s)")
+    return res
+
+
+if __name__ == "__main__":
+    main()
