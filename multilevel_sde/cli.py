@@ -118,13 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:  # its options belong to the training module's own parser
-        return _train(argparse.Namespace(), argv[1:])
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    return args.func(args)
+    try:
+        if argv[:1] == ["train"]:  # its options belong to the training module's own parser
+            return _train(argparse.Namespace(), argv[1:])
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return args.func(args)
+    except (FileNotFoundError, ValueError, TypeError) as err:  # bad input: a clear message, no traceback
+        print(f"mlsde: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

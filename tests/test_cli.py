@@ -55,3 +55,13 @@ def test_train_then_sample_end_to_end(tmp_path, capsys):
                  "--out", str(tmp_path / "em.png")]) == 0
     assert main(["sample", str(tmp_path / "missing"), "--no-progress"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_train_reports_bad_data_clearly(tmp_path, capsys):
+    assert main(["train", "--preset", "cpu-xs", "--data", f"folder:{tmp_path / 'nowhere'}", "--out",
+                 str(tmp_path / "o"), "--steps", "1", "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--preset", "cpu-xs", "--data", f"folder:{tmp_path / 'empty'}", "--out",
+                 str(tmp_path / "o"), "--steps", "1", "--no-progress"]) == 2
+    assert "no images" in capsys.readouterr().err
