@@ -20,8 +20,12 @@
         sub-batches) with zero-cost levels, T0 - L0 - E, per step and as a fraction of T.
 
 All variants of a part are interleaved within each repetition (the order rotates between repetitions),
-everything is warmed up first, and medians over the repetitions are reported. Everything runs under
-``torch.no_grad()``. Usage::
+everything is warmed up first, and medians over the repetitions are reported. The machine may be shared:
+before each run the script waits (briefly) for other processes to go quiet, records their CPU load during
+the run (from /proc/stat), and takes the medians over the undisturbed runs when there are >= 3 of them
+(adding repetitions up to --max-repeats); the JSON keeps every raw time with its load. Everything runs
+under ``torch.no_grad()``; the JSON records torch/torchsde versions, threads, date and the library's git
+commit and source hash. Usage::
 
     python benchmarks/overhead.py --quick      # reduced sizes, < 1 minute
     python benchmarks/overhead.py              # full sizes, writes benchmarks/results/overhead.json
@@ -68,6 +72,29 @@ def timed_only(fn):
 
 def median(xs):
     return float(statistics.median(xs))
+
+
+def library_state() -> dict:
+    """Which library code was measured: git commit, uncommitted changes under multilevel_sde/, and a hash
+    of its sources (read-only git queries; the values are None outside a git checkout)."""
+    import hashlib
+    import subprocess
+
+    pkg = Path(mlsde.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for f in sorted(pkg.rglob("*.py")):
+        digest.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes())
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", "-C", str(pkg), *cmd], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    dirty = git("status", "--porcelain", "--", ".")
+    return {"git_commit": git("rev-parse", "HEAD"), "uncommitted_changes": None if dirty is None else bool(dirty),
+            "sources_sha256": digest.hexdigest()}
 
 
 def loadavg():
@@ -549,6 +576,7 @@ def main(argv=None) -> dict:
             "torch": torch.__version__,
             "torchsde": getattr(torchsde, "__version__", None),
             "multilevel_sde": mlsde.__version__,
+            "library": library_state(),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "processor": platform.processor(),
