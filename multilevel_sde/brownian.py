@@ -98,7 +98,7 @@ class GridBrownian:
             gen = make_generator(derive_seed(self.seed, j), self._device)
             noise = torch.randn((stop - start, *self._size), generator=gen, dtype=self._dtype, device=self._device)
             scale = self._sqrt_dt[start:stop].to(self._dtype).to(self._device)
-            self._chunk = noise * scale.reshape(-1, 1, 1)
+            self._chunk = noise.mul_(scale.reshape(-1, 1, 1))  # in place: one 64 MiB buffer, not two
             self._chunk_index = j
         return self._chunk
 

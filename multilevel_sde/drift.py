@@ -387,7 +387,7 @@ class MultilevelDrift(nn.Module):
             return torch.zeros_like(y)  # no coin came up: nothing to evaluate (the common case for small dt)
         if self.coupling == "batch" and not plan.attached:  # plain numbers: no tensor bookkeeping
             out, outputs = self._combine_batch_floats(t, y, coins.tolist(), plan)
-            if self.check_finite and outputs and not math.isfinite(float(out.detach().sum())):
+            if self.check_finite and outputs and not _all_finite(out):
                 self._raise_non_finite(t, y, outputs)
             return out
 
@@ -400,8 +400,8 @@ class MultilevelDrift(nn.Module):
         if self.coupling == "batch":
             out, outputs = self._combine_batch(t, y, coins, need, coef, weights)
         else:
-            out, outputs = self._combine_sample(t, y, coins, need, coef, weights)
-        if self.check_finite and outputs and not bool(torch.isfinite(out).all()):
+            out, outputs = self._combine_sample(t, y, coins, need, coef, weights, plan.attached)
+        if self.check_finite and outputs and not _all_finite(out):
             self._raise_non_finite(t, y, outputs)
         return out
 
@@ -460,27 +460,33 @@ class MultilevelDrift(nn.Module):
             out = torch.zeros_like(y) + 0 * weights.sum().to(y.dtype)
         return out, outputs
 
-    def _combine_sample(self, t, y, coins, need, coef, weights):
+    def _combine_sample(self, t, y, coins, need, coef, weights, attached: bool):
+        """Per-sample coins: each level runs on the sub-batch that needs it. The coefficients move to the
+        device once and the sub-batch sizes come from one count; without a gradient to keep, the sum is
+        accumulated in place."""
         batch = y.shape[0]
-        out, outputs = torch.zeros_like(y), {}
         trailing = (1,) * (y.dim() - 1)
-        jobs = [(m + 1, need[m], coef[m]) for m in reversed(range(self.num_levels))]
+        levels = list(range(self.num_levels, 0, -1))
+        masks, coefs = [need[m - 1] for m in levels], [coef[m - 1] for m in levels]
         if self.base is not None:  # f^0 is free and always enters, with coefficient 1 - w_1
-            jobs.append((0, torch.ones_like(coins[0]), 1 - weights[0]))
-        for level, mask, c in jobs:
-            count = int(mask.sum())
+            levels.append(0), masks.append(torch.ones_like(coins[0])), coefs.append(1 - weights[0])
+        counts = torch.stack(masks).sum(1).tolist()
+        coefs = torch.stack(coefs).to(device=y.device, dtype=y.dtype)
+        out, outputs = torch.zeros_like(y), {}
+        for level, mask, c, count in zip(levels, masks, coefs, counts):
             if count == 0:
                 continue
-            c = c.to(device=y.device, dtype=y.dtype)
             evaluate = self._evaluate_base if level == 0 else (lambda tt, yy, m=level - 1: self._evaluate(m, tt, yy))
             if count == batch:
                 f_l = outputs[level] = evaluate(t, y)
-                out = out + c.reshape(-1, *trailing) * f_l
+                term = c.reshape(-1, *trailing) * f_l
+                out = out + term if attached else out.add_(term)
             else:
                 idx = mask.nonzero().squeeze(1).to(y.device, non_blocking=True)
                 t_sub = t.index_select(0, idx) if _is_per_sample(t, batch) else t
                 f_l = outputs[level] = evaluate(t_sub, y.index_select(0, idx))
-                out = out.index_add(0, idx, c.index_select(0, idx).reshape(-1, *trailing) * f_l)
+                term = c.index_select(0, idx).reshape(-1, *trailing) * f_l
+                out = out.index_add(0, idx, term) if attached else out.index_add_(0, idx, term)
         if not outputs:  # no coin came up: F = 0, still attached to the schedule's graph
             out = out + 0 * weights.sum().to(y.dtype)
         return out, outputs
@@ -508,6 +514,11 @@ class _StepPlan:
     attached: bool  # p carries a gradient (reverse or forward mode)
     p_list: list = None
     cancel_list: list = None
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """No NaN or inf in ``x``: one reduction, and the full check only when the sum is not finite."""
+    return math.isfinite(float(x.detach().sum())) or bool(torch.isfinite(x).all())
 
 
 def _accumulate(out: Optional[torch.Tensor], f: torch.Tensor, coefficient: float) -> Optional[torch.Tensor]:
