@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -45,6 +45,3 @@ def solve_seeds(seed: Optional[int]) -> tuple[int, int, int]:
     seed = fresh_seed() if seed is None else seed
     return seed, derive_seed(seed, STREAM_COINS), derive_seed(seed, STREAM_BROWNIAN)
 
-
-def as_int_list(values: Sequence) -> list[int]:
-    return [int(v) for v in values]

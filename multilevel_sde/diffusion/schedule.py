@@ -161,8 +161,3 @@ class StepGrid:
         """The fine (all T steps) solver-time grid the Brownian path lives on."""
         return self.schedule.solver_time(np.arange(self.schedule.T, -1, -1))
 
-
-def validate_clip(clip: Optional[float]) -> Optional[float]:
-    if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
-        raise ValueError(f"clip must be a positive number or None, got {clip!r}")
-    return clip
