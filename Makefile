@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   -- create .venv, install, run the built-in example (ML-EM against EM)
+#   make demo   -- create .venv, install, run the main job (mlsde demo: train a small ladder, EM vs ML-EM)
 #   make test   -- create .venv, install with the test extras, run the test suite
 PYTHON ?= python3
 VENV   ?= .venv

@@ -17,9 +17,9 @@ def test_version_and_help(capsys):
     assert main([]) == 0 and "demo" in capsys.readouterr().out
 
 
-def test_demo_runs_and_writes_json(tmp_path, capsys):
+def test_toy_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "demo.json"
-    assert main(["demo", "--k", "3", "--paths", "16", "--json", str(out)]) == 0
+    assert main(["toy", "--k", "3", "--paths", "16", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "ML-EM" in printed and "EM, top level" in printed
     rows = json.loads(out.read_text())
@@ -27,8 +27,8 @@ def test_demo_runs_and_writes_json(tmp_path, capsys):
     assert all(r["rms_error"] > 0 and r["cost"] > 0 for r in rows)
 
 
-def test_demo_rejects_bad_arguments(capsys):
-    assert main(["demo", "--k", "0"]) == 2
+def test_toy_rejects_bad_arguments(capsys):
+    assert main(["toy", "--k", "0"]) == 2
     assert "--k" in capsys.readouterr().err
 
 

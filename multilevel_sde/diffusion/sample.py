@@ -130,6 +130,7 @@ def sample(
     ts = torch.tensor([grid.times[0], grid.times[-1]], dtype=torch.float64, device=device)
     times = torch.as_tensor(grid.times, dtype=torch.float64)
     step_callback = None if callback is None else (lambda n, t, y: callback(n, y.reshape(shape)))
+    _synchronize(device)  # wall time of this solve only (CUDA runs asynchronously)
     start = time.perf_counter()
     with torch.no_grad():
         if method == "ddim":
@@ -141,6 +142,7 @@ def sample(
             sde = MultilevelSDE(drift, _diffusion_of(grid, device))
             out, stats = sdeint(sde, y0, ts, bm=bm, grid=times, return_stats=True, progress=progress,
                                 callback=step_callback)
+    _synchronize(device)
     seconds = time.perf_counter() - start
     flops = stats.cost if stats.cost_unit == "flops" else float("nan")
     settings = dict(method=method, steps=steps, batch=batch, seed=seed, coupling=coupling, base=base,
@@ -159,6 +161,11 @@ def build_drift(models, grid: StepGrid, image_shape, probabilities=None, costs=N
     return MultilevelDrift(levels, probabilities, costs=costs, coupling=coupling, coins=coins,
                            base=LinearPart(grid, device) if base == "linear" else None,
                            seed=derive_seed(seed, _STREAM_COINS), check_finite=False)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _device_of(model) -> torch.device:

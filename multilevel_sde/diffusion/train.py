@@ -91,7 +91,7 @@ from .._random import check_seed, derive_seed, make_generator
 from .levels import _unwrap
 from .schedule import NoiseSchedule
 
-__all__ = ["TrainConfig", "train_level", "train_ladder", "save_checkpoint", "load_checkpoint", "load_level",
+__all__ = ["TrainConfig", "train_level", "train_ladder", "save_checkpoint", "load_checkpoint", "load_level", "load_ladder",
            "level_differences", "check_architecture", "main", "CHECKPOINT_NAME", "AUTOCAST"]
 
 PathLike = Union[str, os.PathLike]
@@ -431,6 +431,36 @@ def load_level(path: PathLike, device=None, model_factory: Optional[Callable] = 
     if device is not None:
         model.to(device)
     return model
+
+
+def load_ladder(paths: Union[PathLike, Sequence[PathLike]], device=None) -> tuple[list, list, tuple]:
+    """The EMA models of a ladder, cheapest first: ``(models, names, image_shape)``.
+
+    ``paths``: a ladder folder written by :func:`train_ladder` (its ``level_0``, ``level_1``, ... in index
+    order), or checkpoint files / folders in ladder order. ``image_shape`` ``(C, H, W)`` is read from the
+    data shape the checkpoints were trained on; ``names`` are ``"level_i (d=base channels)"``.
+    """
+    paths = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+    if len(paths) == 1 and paths[0].is_dir() and not (paths[0] / CHECKPOINT_NAME).exists():
+        levels = sorted(paths[0].glob("level_*"), key=lambda p: int(p.name.split("_")[-1]) if
+                        p.name.split("_")[-1].isdigit() else -1)
+        if not levels:
+            raise FileNotFoundError(f"{os.fspath(paths[0])!r} holds no checkpoint.pt and no level_* folders")
+        paths = levels
+    files = [p / CHECKPOINT_NAME if p.is_dir() else p for p in paths]
+    models, names, shapes = [], [], set()
+    for file in files:
+        ckpt = load_checkpoint(file)
+        models.append(load_level(file, device=device))
+        shape = (ckpt.get("data") or {}).get("shape")
+        if shape:
+            shapes.add(tuple(int(s) for s in shape[1:]))
+        width = (ckpt.get("model_config") or {}).get("base_channels")
+        names.append(f"{file.parent.name} (d={width})" if width else file.parent.name)
+    if len(shapes) != 1:
+        raise ValueError(f"the checkpoints were trained on different or unknown image shapes {sorted(shapes)}; "
+                         "give the image shape yourself")
+    return models, names, shapes.pop()
 
 
 def _write_logs(out_dir: Path, rows: list, meta: dict) -> None:

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The paper's setting on one GPU: train a 5-network UNet ladder on CelebA 64x64 from scratch, then run the
+# EM vs ML-EM experiment (DDPM and DDIM). Results and figures only go to $OUT (never data or weights).
+#
+#   bash benchmarks/gpu_celeba64.sh                      # on an H200: about 10 minutes
+#   SIZE=16 STEPS=20 HELDOUT=4 TINY=1 DEVICE=cpu bash benchmarks/gpu_celeba64.sh   # CPU smoke test (~3 min)
+#
+# Settings (environment): CELEBA (a CelebA folder; default: unpack ../shared/data/celeba-10k.tar),
+# OUT (default benchmarks/results/celeba64-gpu), WORK (checkpoints; default a temporary folder), SIZE (64),
+# STEPS (training steps per network), BATCH (training batch), HELDOUT (held-out images), DEVICE (cuda),
+# PRESETS (the ladder), TINY=1 (a minimal experiment for smoke tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SIZE=${SIZE:-64}
+STEPS=${STEPS:-3000}
+BATCH=${BATCH:-256}
+HELDOUT=${HELDOUT:-256}
+DEVICE=${DEVICE:-cuda}
+PRESETS=${PRESETS:-paper-1,paper-2,paper-3,paper-4,paper-5}
+OUT=${OUT:-benchmarks/results/celeba64-gpu}
+WORK=${WORK:-$(mktemp -d)}
+PY=${PYTHON:-python}
+AUTOCAST=()
+[ "$DEVICE" != "cpu" ] && AUTOCAST=(--autocast bf16)
+
+if [ -z "${CELEBA:-}" ]; then
+  CELEBA="$WORK/celeba"
+  mkdir -p "$CELEBA"
+  tar -xf ../shared/data/celeba-10k.tar -C "$CELEBA"
+fi
+mkdir -p "$OUT"
+START=$(date +%s)
+
+# 1. the ladder, cheapest first (each network trained separately on the eps loss, as in the paper)
+"$PY" -m multilevel_sde.cli train --preset "$PRESETS" --data "celeba:$CELEBA" --image-size "$SIZE" \
+  --steps "$STEPS" --batch-size "$BATCH" --lr 1e-3 --warmup 100 --eval-every 0 --checkpoint-every 0 \
+  --device "$DEVICE" "${AUTOCAST[@]}" --no-progress --out "$WORK/ladder" > "$OUT/train.json"
+TRAINED=$(date +%s)
+
+# 2. the experiment (held-out noises for every point; learning on a separate selection set)
+if [ "${TINY:-0}" = "1" ]; then
+  SIZES=(--em-steps 10,20 --reference-steps 20 --mlem-steps 20 --p-top 0.5,0.2 --learn-steps 1 --learn-grid 10
+         --deltas 0,1 --tstitch-fractions 0.5 --tstitch-steps 20 --select "$HELDOUT" --batch "$HELDOUT")
+else
+  SIZES=(--select 128 --batch "$HELDOUT" --learn-steps 30 --learn-batch 128 --learn-grid 250)
+fi
+"$PY" -m multilevel_sde.cli experiment "$WORK/ladder" --out "$OUT" --heldout "$HELDOUT" --device "$DEVICE" \
+  --title "CelebA ${SIZE}x${SIZE}, ${PRESETS} (GPU)" --no-progress "${SIZES[@]}"
+END=$(date +%s)
+printf '{"train_seconds": %d, "experiment_seconds": %d, "device": "%s", "command": "%s"}\n' \
+  $((TRAINED - START)) $((END - TRAINED)) "$DEVICE" "SIZE=$SIZE STEPS=$STEPS BATCH=$BATCH HELDOUT=$HELDOUT bash benchmarks/gpu_celeba64.sh" \
+  > "$OUT/timing.json"
+echo "done in $((END - START)) s: $OUT/report.md"

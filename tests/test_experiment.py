@@ -1,0 +1,136 @@
+"""The experiment runner: shared noise, exact costs, T-Stitch, learning on a separate set, caching, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from multilevel_sde.diffusion.experiment import Experiment, ExperimentConfig, fixed_probabilities, network_flops
+from multilevel_sde.diffusion.sample import sample
+from multilevel_sde.diffusion.stitch import stitch_sample
+from multilevel_sde.diffusion.unet import build_unet
+
+SHAPE = (1, 8, 8)
+
+
+def tiny_ladder() -> list:
+    """Three untrained UNets whose outputs differ (their zero-initialised output layers are perturbed)."""
+    gen = torch.Generator().manual_seed(0)
+    models = []
+    for i, preset in enumerate(("cpu-xs", "cpu-s", "cpu-m")):
+        m = build_unet(preset, in_channels=1, image_size=8, seed=i).eval()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+        models.append(m)
+    return models
+
+
+@pytest.fixture(scope="module")
+def ladder():
+    return tiny_ladder()
+
+
+TINY = ExperimentConfig(heldout=6, select=4, batch=4, samplers=("ddpm",), em_steps=(5, 10, 20), reference_steps=20,
+                        mlem_steps=(20,), p_top=(0.5, 0.2), learn_steps=1, learn_batch=4, learn_grid=10,
+                        deltas=(0.0, 1.0), tstitch_fractions=(0.5,), tstitch_steps=(10,), grid_images=2)
+
+
+def test_fixed_probabilities_inverse_cost_and_theory_exponent():
+    costs = [1.0, 4.0, 16.0]
+    assert fixed_probabilities(costs, 0.1) == pytest.approx([1.0, 0.4, 0.1])
+    p = fixed_probabilities(costs, 0.1, alpha_over_gamma=0.5)
+    assert p == pytest.approx([1.0, 0.2, 0.1])
+    assert fixed_probabilities(costs, 0.9)[1] == 1.0  # capped at 1
+
+
+def test_config_errors_name_the_argument():
+    with pytest.raises(ValueError, match="heldout"):
+        ExperimentConfig(heldout=0).validate()
+    with pytest.raises(ValueError, match="strategies"):
+        ExperimentConfig(strategies=("magic",)).validate()
+    with pytest.raises(ValueError, match="em_steps"):
+        ExperimentConfig(em_steps=(2000,)).validate()
+    with pytest.raises(ValueError, match="p_top"):
+        ExperimentConfig(p_top=(1.5,)).validate()
+
+
+def test_stitch_endpoints_are_plain_em_and_costs_are_exact(ladder):
+    small, large = ladder[0], ladder[2]
+    costs = [network_flops(small, SHAPE), network_flops(large, SHAPE)]
+    kw = dict(batch=3, steps=10, seed=5)
+    for switch, alone in ((0, large), (10, small)):
+        res = stitch_sample(small, large, SHAPE, switch, costs=costs, **kw)
+        em = sample(alone, SHAPE, **kw)
+        assert torch.equal(res.images, em.images)
+    res = stitch_sample(small, large, SHAPE, 4, costs=costs, **kw)
+    assert res.settings["evaluations"] == [4 * 3, 6 * 3]
+    assert res.flops == pytest.approx(3 * (4 * costs[0] + 6 * costs[1]))
+    mixed = (res.images - sample(large, SHAPE, **kw).images).abs().max()
+    assert mixed > 0  # the small network's steps change the sample
+    with pytest.raises(ValueError, match="switch"):
+        stitch_sample(small, large, SHAPE, 11, costs=costs, **kw)
+
+
+def test_learning_set_reproduces_the_samplers_noise(ladder, tmp_path):
+    """With every p = 1 the learning problem's solve is EM with the top network on the learning grid: the
+    selection set's x_T and Brownian path must be the ones ``sample`` uses for the same seed."""
+    from multilevel_sde.diffusion import experiment as ex_mod
+
+    ex = Experiment(ladder, SHAPE, TINY, tmp_path, progress=False)
+    captured = {}
+    original = ex_mod.fit_probabilities
+
+    def spy(problem, schedule, paths, **kwargs):
+        captured["problem"], captured["paths"] = problem, paths
+        return original(problem, schedule, paths, **kwargs)
+
+    ex_mod.fit_probabilities = spy
+    try:
+        ref = ex.reference("ddpm", TINY.heldout, TINY.seed)
+        info = ex.learned("ddpm", ref)
+    finally:
+        ex_mod.fit_probabilities = original
+    problem, paths = captured["problem"], captured["paths"]
+    from multilevel_sde.probabilities import Constant
+
+    x, _, _ = problem.solve(Constant([1.0, 1.0, 1.0]), paths, coupling="batch")
+    seed = ex._chunks(TINY.select, ex_mod.derive_seed(TINY.seed, 1_000_003))[0][1]
+    em = sample(ladder[-1], SHAPE, batch=TINY.select, steps=TINY.learn_grid, seed=seed)
+    assert torch.allclose(x.reshape(em.images.shape), em.images, atol=1e-5)
+    assert info["select"] == TINY.select and len(info["a"]) == 3
+    assert info["lam"] > 0 and info["selection_error_before"] > 0
+
+
+def test_run_writes_every_point_and_reuses_them(ladder, tmp_path):
+    ex = Experiment(ladder, SHAPE, TINY, tmp_path, names=["a", "b", "c"], progress=False)
+    results = ex.run(title="tiny", command="test")
+    points = results["points"]
+    assert len(points) == ex.expected_points == ex._total() - 2  # no gamma (random networks): no theory points
+    em_top = {p["steps"]: p for p in points if p["curve"] == "EM top network"}
+    assert em_top[20]["mse"] == 0.0 and em_top[5]["mse"] > 0  # the reference is EM top at 20 steps, same noise
+    for p in points:
+        assert p["flops"] > 0 and p["calls"] > 0 and p["seconds"] > 0
+    em_a = next(p for p in points if p["label"] == "EM a 10")
+    assert em_a["flops"] == pytest.approx(10 * network_flops(ladder[0], SHAPE))  # exact rule: steps x C
+    assert em_a["calls"] == 10
+    for p in points:
+        if p["family"] == "mlem":  # realised cost never exceeds paying every network at every step
+            assert p["calls"] <= 20 * 3 and p["calls"] >= 20
+    assert results["thresholds"]["ddpm"] == next(p["mse"] for p in points if p["label"] == "EM b 20")
+    for name in ("results.json", "report.md", "error_flops_ddpm.png", "samples_ddpm.png"):
+        assert (tmp_path / name).exists(), name
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["learned"]["ddpm"]["sgd_steps"] == 1 and saved["mlem_networks"] == ["a", "b", "c"]
+
+    lines = (tmp_path / "points.jsonl").read_text().splitlines()
+    again = Experiment(ladder, SHAPE, TINY, tmp_path, names=["a", "b", "c"], progress=False)
+    for key in ("em", "fixed", "tstitch"):  # cached points are not measured again
+        getattr(again, key)("ddpm", torch.zeros(1), *([None] if key == "fixed" else []))
+    assert (tmp_path / "points.jsonl").read_text().splitlines() == lines
+    changed = tiny_ladder()
+    with torch.no_grad():
+        next(changed[0].parameters()).add_(1.0)
+    assert Experiment(changed, SHAPE, TINY, tmp_path, progress=False).key != again.key  # new weights: new key
