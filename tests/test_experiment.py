@@ -104,7 +104,7 @@ def test_learning_set_reproduces_the_samplers_noise(ladder, tmp_path):
     assert info["lam"] > 0 and info["selection_error_before"] > 0
 
 
-def test_run_writes_every_point_and_reuses_them(ladder, tmp_path):
+def test_run_writes_every_point_and_reuses_them(ladder, tmp_path, monkeypatch):
     ex = Experiment(ladder, SHAPE, TINY, tmp_path, names=["a", "b", "c"], progress=False)
     results = ex.run(title="tiny", command="test")
     points = results["points"]
@@ -129,7 +129,15 @@ def test_run_writes_every_point_and_reuses_them(ladder, tmp_path):
     again = Experiment(ladder, SHAPE, TINY, tmp_path, names=["a", "b", "c"], progress=False)
     for key in ("em", "fixed", "tstitch"):  # cached points are not measured again
         getattr(again, key)("ddpm", torch.zeros(1), *([None] if key == "fixed" else []))
+    from multilevel_sde.diffusion import experiment as ex_mod
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the saved fit should have been reused")
+
+    monkeypatch.setattr(ex_mod, "fit_probabilities", no_fit)
+    assert again.learned("ddpm", torch.zeros(1))["a"] == saved["learned"]["ddpm"]["a"]
     assert (tmp_path / "points.jsonl").read_text().splitlines() == lines
+    assert saved["gamma_drift"]["error"] and len(saved["gamma_drift"]["error"]) == 2
     changed = tiny_ladder()
     with torch.no_grad():
         next(changed[0].parameters()).add_(1.0)

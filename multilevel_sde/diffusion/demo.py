@@ -71,7 +71,7 @@ def run_demo(out="runs/demo", quick: bool = False, plan: Optional[DemoPlan] = No
     log(f"[2/2] experiment -> {out / 'experiment'}")
     command = "mlsde demo" + (" --quick" if quick else "") + f" --out {out}"
     results = run_experiment(models, shape, out / "experiment", plan.experiment, names=list(plan.presets),
-                             progress=progress, log=log, title="mlsde demo: EM vs ML-EM on the built-in digits",
+                             progress=progress, title="mlsde demo: EM vs ML-EM on the built-in digits",
                              command=command)
     log(format_speedups(results))
     log(f"report: {out / 'experiment' / 'report.md'}")

@@ -32,7 +32,7 @@ from torch import nn
 from .._random import derive_seed
 from ..brownian import GridBrownian
 from ..learning import LearningProblem, PathSet, evaluate, fit_probabilities, shifted, sigmoid_from_probabilities
-from ..probabilities import Constant
+from ..probabilities import Constant, Sigmoid
 from ..scaling import estimate_gamma
 from ..sde import MultilevelSDE
 from .data import save_image_grid
@@ -165,8 +165,7 @@ class Experiment:
     """
 
     def __init__(self, models: Sequence[nn.Module], image_shape: Sequence[int], config: ExperimentConfig,
-                 out_dir, names: Optional[Sequence[str]] = None, device=None, progress: bool = True,
-                 log: Callable[[str], None] = print):
+                 out_dir, names: Optional[Sequence[str]] = None, device=None, progress: bool = True):
         self.models = list(models)
         if len(self.models) < 2:
             raise ValueError(f"the experiment needs a ladder of at least 2 networks, got {len(self.models)}")
@@ -185,7 +184,7 @@ class Experiment:
         if any(not 0 <= i < k for i in nets) or list(nets) != sorted(set(nets)):
             raise ValueError(f"mlem_networks must be increasing indices in [0, {k}), got {nets!r}")
         self.mlem_networks = tuple(nets)
-        self.progress, self.log = progress, log
+        self.progress = progress
         self.key = self.config.key(self.models)
         self.points: list = []
         self.grids: dict = {}
@@ -301,6 +300,18 @@ class Experiment:
         return dict(out, slope=est.fit.slope, intercept=est.fit.intercept, gamma=est.gamma,
                     interval=list(est.interval))
 
+    def gamma_drift(self, differences: dict) -> Optional[dict]:
+        """gamma from each network's distance to the top network's ``x0`` estimate along the reference trajectory
+        (an RMS-type error of the drift itself: ``log eps = c - (1/gamma) log C``)."""
+        errors = [float(np.mean(row)) for row in differences["to_top"]]
+        try:
+            est = estimate_gamma(errors, self.flops[:-1])
+        except ValueError as err:
+            return dict(gamma=float("nan"), interval=[float("nan")] * 2, problem=str(err), error=errors)
+        return dict(gamma=est.gamma, interval=list(est.interval), slope=est.fit.slope, error=errors,
+                    flops=self.flops[:-1], quantity="RMS of each network's clipped x0 estimate to the top network's "
+                                                     "along the reference trajectory")
+
     def fixed(self, sampler: str, reference: torch.Tensor, gamma: Optional[float]) -> None:
         nets = self.mlem_networks
         costs = [self.flops[i] for i in nets]
@@ -324,10 +335,28 @@ class Experiment:
                                   fn, reference, steps=steps, networks=list(nets), param=p_top, probabilities=p,
                                   coins=coins)
 
-    def learned(self, sampler: str, reference: torch.Tensor) -> Optional[dict]:
-        """Learns ``p_l(t)`` on the selection set (spec §8), then sweeps Delta on the held-out set."""
-        cfg = self.config
-        nets = self.mlem_networks
+    def learned(self, sampler: str, reference: torch.Tensor) -> dict:
+        """Learns ``p_l(t)`` on the selection set (spec §8; the fit is kept in ``learned_<sampler>.json`` and
+        reused by a rerun with the same settings and weights), then sweeps Delta on the held-out set."""
+        cfg, nets = self.config, self.mlem_networks
+        saved = self.out / f"learned_{sampler}.json"
+        info = json.loads(saved.read_text()) if saved.exists() else None
+        if info is None or info.get("config_key") != self.key:
+            info = self.fit(sampler)
+            saved.write_text(json.dumps(info, indent=1))
+        schedule = Sigmoid(info["a"], info["b"], floor=info["floor"], time_scale=info["time_scale"])
+        for steps in cfg.mlem_steps:
+            for delta in cfg.deltas:
+                fn = self._sample_fn(sampler, nets, steps, probabilities=shifted(schedule, delta),
+                                     coupling=cfg.coupling)
+                self._measure(sampler, "mlem", f"ML-EM learned {steps}", f"ML-EM learned {steps} delta={delta:+g}",
+                              fn, reference, steps=steps, networks=list(nets), param=delta)
+        return info
+
+    def fit(self, sampler: str) -> dict:
+        """Fits a ``Sigmoid`` schedule on the selection set, from inverse cost at the median ``p_top``, with the
+        regulariser weighing as much as the error at the start (spec §8.2); the Delta sweep sets the cost."""
+        cfg, nets = self.config, self.mlem_networks
         costs = [self.flops[i] for i in nets]
         sel_seed = derive_seed(cfg.seed, 1_000_003)
         grid = StepGrid(self.schedule, respaced_timesteps(self.schedule.T, cfg.learn_grid), sampler)
@@ -338,32 +367,26 @@ class Experiment:
         n = cfg.select
         if n > cfg.batch:
             raise ValueError(f"select ({n}) must not exceed batch ({cfg.batch}): learning runs in one batch")
-        shape = (n, *self.image_shape)
         ref = self._run(self._sample_fn(sampler, [len(self.models) - 1], cfg.reference_steps), n, sel_seed).images
         # the selection set is one chunk: its noise and path come from that chunk's seed, as in the reference
         chunk_seed = self._chunks(n, sel_seed)[0][1]
-        x_T = initial_noise(shape, chunk_seed, self.device)
+        x_T = initial_noise((n, *self.image_shape), chunk_seed, self.device)
         bm = GridBrownian(grid.fine_grid(), size=(n, int(np.prod(self.image_shape))),
                           seed=derive_seed(chunk_seed, _STREAM_PATH), dtype=x_T.dtype, device=self.device)
         paths = PathSet(x_T.reshape(n, -1), bm, ref.reshape(n, -1).to(x_T.device))
         init = sigmoid_from_probabilities(start_p, time_scale=1.0 / float(grid.times[-1]))
         before = evaluate(problem, init, paths, seed=sel_seed)
-        lam = before.error / max(before.theory_cost, 1e-30)  # the regulariser weighs as much as the error at start
+        lam = before.error / max(before.theory_cost, 1e-30)
         start = time.perf_counter()
         fit = fit_probabilities(problem, init, paths, lam=lam, steps=cfg.learn_steps,
                                 batch=min(cfg.learn_batch, n), seed=sel_seed, progress=self.progress)
         seconds = time.perf_counter() - start
         after = evaluate(problem, fit.schedule, paths, seed=sel_seed)
-        for steps in cfg.mlem_steps:
-            for delta in cfg.deltas:
-                schedule = shifted(fit.schedule, delta)
-                fn = self._sample_fn(sampler, nets, steps, probabilities=schedule, coupling=cfg.coupling)
-                self._measure(sampler, "mlem", f"ML-EM learned {steps}", f"ML-EM learned {steps} delta={delta:+g}",
-                              fn, reference, steps=steps, networks=list(nets), param=delta)
-        return dict(a=fit.schedule.a.tolist(), b=fit.schedule.b.tolist(), lam=lam, grid_steps=cfg.learn_grid,
-                    select=n, sgd_steps=cfg.learn_steps, seconds=seconds, start_probabilities=start_p,
+        return dict(a=fit.schedule.a.tolist(), b=fit.schedule.b.tolist(), floor=fit.schedule.floor,
+                    time_scale=fit.schedule.time_scale, lam=lam, grid_steps=cfg.learn_grid, select=n,
+                    sgd_steps=cfg.learn_steps, seconds=seconds, start_probabilities=start_p,
                     selection_error_before=before.error, selection_error_after=after.error,
-                    selection_cost_before=before.cost, selection_cost_after=after.cost)
+                    selection_cost_before=before.cost, selection_cost_after=after.cost, config_key=self.key)
 
     def tstitch(self, sampler: str, reference: torch.Tensor) -> None:
         small, large = self.mlem_networks[0], len(self.models) - 1
@@ -431,7 +454,7 @@ class Experiment:
         started = time.perf_counter()
         self.expected_points = self._total()
         self._bar = tqdm(total=self.expected_points, desc="experiment", disable=not self.progress)
-        thresholds, learned, gamma, differences = {}, {}, None, None
+        thresholds, learned, gamma, gamma_drift, differences = {}, {}, None, None, None
         try:
             for sampler in cfg.samplers:
                 self._bar.set_postfix_str(f"{sampler} reference")
@@ -442,6 +465,7 @@ class Experiment:
                 if gamma is None:
                     gamma = self.gamma(sampler)
                     differences = self.level_differences(sampler)
+                    gamma_drift = self.gamma_drift(differences)
                 self.fixed(sampler, reference, None if gamma is None else gamma["gamma"])
                 if "learned" in cfg.strategies:
                     learned[sampler] = self.learned(sampler, reference)
@@ -453,15 +477,15 @@ class Experiment:
                        networks=[dict(name=n, flops=f, params=sum(p.numel() for p in m.parameters()))
                                  for n, f, m in zip(self.names, self.flops, self.models)],
                        mlem_networks=[self.names[i] for i in self.mlem_networks], thresholds=thresholds,
-                       gamma=gamma, learned=learned, level_differences=differences, points=self.points,
-                       summary=summary, notes=self.notes(summary, gamma), figures=[],
+                       gamma=gamma, gamma_drift=gamma_drift, learned=learned, level_differences=differences,
+                       points=self.points, summary=summary, notes=self.notes(gamma, gamma_drift), figures=[],
                        seconds=time.perf_counter() - started)
         results["figures"] += self.save_grids(summary)
         write_all(results, self.out)
         (self.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
         return results
 
-    def notes(self, summary: dict, gamma: Optional[dict]) -> list:
+    def notes(self, gamma: Optional[dict], gamma_drift: Optional[dict]) -> list:
         out = ["Every point is measured on the held-out set (its own initial noises and Brownian paths); the "
                "learned probabilities were fitted on a separate selection set.",
                "The Poisson (continuous-time) solver does not apply here: the DDPM/DDIM updates are defined on "
@@ -474,6 +498,12 @@ class Experiment:
                        f"{gamma['interval'][1]:.2f}), not above 2: the networks are not 'harder than Monte Carlo' "
                        "over this range, so ML-EM's polynomial speedup does not apply; what remains is a constant "
                        "factor, limited by how much the adjacent networks differ.")
+        if gamma_drift is not None and math.isfinite(gamma_drift["gamma"]):
+            lo, hi = gamma_drift["interval"]
+            out.append(f"From the drift itself ({gamma_drift['quantity']}): gamma = {gamma_drift['gamma']:.2f} "
+                       f"(95% interval {lo:.2f}–{hi:.2f}).")
+        elif gamma_drift is not None:
+            out.append(f"From the drift itself: no gamma ({gamma_drift['problem']}).")
         return out
 
     def save_grids(self, summary: dict) -> list:

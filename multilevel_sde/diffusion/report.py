@@ -155,6 +155,9 @@ def _gamma_section(gamma: Optional[Mapping]) -> list[str]:
                      "inverse error than EM's.")
     if float(lo) <= 2 <= float(hi):
         lines.append("The interval contains 2, so this fit does not settle the regime.")
+    if not math.isfinite(float(hi)):
+        lines.append("The interval is unbounded: the slope's interval reaches 0, so the fall of the error with cost "
+                     "is not significant over these networks and γ is not identified.")
     return lines + [""]
 
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The CPU run on CelebA 16x16: train the five cpu-* UNets (each on its own, as in the paper), then run the
+# experiment for DDPM and DDIM side by side (one process and one thread each, on a 2-core machine).
+# Results and figures go to benchmarks/results/celeba16-cpu/{ddpm,ddim}; checkpoints stay in $WORK.
+#
+#   CELEBA=/path/to/img_align_celeba_parent bash benchmarks/celeba16_cpu.sh     # about 1.5 h on 2 cores
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WORK=${WORK:-/tmp/runs}
+OUT=${OUT:-benchmarks/results/celeba16-cpu}
+PY=${PYTHON:-python}
+if [ -z "${CELEBA:-}" ]; then
+  CELEBA="$WORK/celeba"
+  mkdir -p "$CELEBA"
+  [ -d "$CELEBA/img_align_celeba" ] || tar -xf ../shared/data/celeba-10k.tar -C "$CELEBA"
+fi
+
+# 1. the ladder (a finished level is reused)
+"$PY" -m multilevel_sde.cli train --family cpu --data "celeba:$CELEBA" --image-size 16 --steps 3000 \
+  --batch-size 64 --lr 5e-4 --warmup 100 --eval-every 1000 --checkpoint-every 500 --out "$WORK/celeba16" \
+  --no-progress > "$WORK/celeba16-train.json"
+
+# 2. the experiment, one sampler per process
+mkdir -p "$OUT"
+ARGS=(--heldout 64 --select 32 --batch 64 --mlem-steps 1000,250 --learn-steps 12 --learn-batch 32
+      --learn-grid 100 --deltas=-2,-1,0,1,2 --no-progress)
+for sampler in ddpm ddim; do
+  OMP_NUM_THREADS=1 "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16" --out "$OUT/$sampler" \
+    --samplers "$sampler" --title "CelebA 16x16, cpu-xs..cpu-xl, ${sampler^^} (CPU)" "${ARGS[@]}" \
+    > "$OUT/$sampler.log" 2>&1 &
+done
+wait
+echo "done: $OUT/ddpm/report.md $OUT/ddim/report.md"
