@@ -23,7 +23,8 @@ fi
 
 # 2. the experiment, one sampler per process
 mkdir -p "$OUT"
-ARGS=(--heldout 64 --select 32 --batch 64 --mlem-steps 1000,250 --learn-steps 12 --learn-batch 32
+ARGS=(--heldout 64 --select 32 --batch 64 --em-steps 10,25,50,100,250,500,750,900,1000 --mlem-steps 1000,250
+      --learn-steps 12 --learn-batch 32
       --learn-grid 100 --deltas=-2,-1,0,1,2 --no-progress)
 for sampler in ddpm ddim; do
   OMP_NUM_THREADS=1 "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16" --out "$OUT/$sampler" \

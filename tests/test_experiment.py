@@ -142,3 +142,8 @@ def test_run_writes_every_point_and_reuses_them(ladder, tmp_path, monkeypatch):
     with torch.no_grad():
         next(changed[0].parameters()).add_(1.0)
     assert Experiment(changed, SHAPE, TINY, tmp_path, progress=False).key != again.key  # new weights: new key
+    from dataclasses import replace
+
+    extended = replace(TINY, em_steps=(2,) + TINY.em_steps, p_top=(0.9,) + TINY.p_top + (0.01,))
+    assert extended.key(ladder) == again.key  # a longer sweep reuses the points already measured
+    assert replace(TINY, heldout=7).key(ladder) != again.key
