@@ -30,16 +30,16 @@ import torch
 from torch import nn
 
 from .._random import derive_seed
-from ..brownian import GridBrownian
 from ..learning import LearningProblem, PathSet, evaluate, fit_probabilities, shifted, sigmoid_from_probabilities
 from ..probabilities import Constant, Sigmoid
 from ..scaling import estimate_gamma
 from ..sde import MultilevelSDE
 from .data import save_image_grid
 from .levels import DenoiserLevel
-from .sample import _STREAM_PATH, _diffusion_of, build_drift, initial_noise, sample
+from .sample import _diffusion_of, brownian_path, build_drift, initial_noise, sample
 from .schedule import NoiseSchedule, StepGrid, respaced_timesteps
 from .stitch import stitch_sample
+from .unet import unet_flops
 
 __all__ = ["ExperimentConfig", "Experiment", "run_experiment", "network_flops", "fixed_probabilities"]
 
@@ -137,15 +137,9 @@ class ExperimentConfig:
 
 
 def network_flops(model: nn.Module, image_shape: Sequence[int]) -> float:
-    """FLOPs per sample of one forward of ``model`` on ``(C, H, W)`` images (``torch.utils.flop_counter``)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    param = next(model.parameters())
-    x = torch.zeros(1, *image_shape, device=param.device, dtype=param.dtype)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x, torch.zeros(1, device=param.device, dtype=torch.long))
-    return float(counter.get_total_flops())
+    """FLOPs per sample of one forward of ``model`` on ``(C, H, W)`` images (``unet.unet_flops``)."""
+    channels, height, width = image_shape
+    return unet_flops(model, (int(height), int(width)), int(channels))
 
 
 def fixed_probabilities(costs: Sequence[float], p_top: float, alpha_over_gamma: float = 1.0) -> list:
@@ -214,7 +208,7 @@ class Experiment:
                     cache[(row["sampler"], row["label"])] = row
         return cache
 
-    def _record(self, point: dict, images: Optional[torch.Tensor] = None) -> dict:
+    def _record(self, point: dict, images: Optional[torch.Tensor] = None) -> None:
         point["config_key"] = self.key
         self.points.append(point)
         if images is not None:
@@ -224,7 +218,6 @@ class Experiment:
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix_str(f"{point['sampler']} {point['label']}"[:60])
-        return point
 
     def _chunks(self, n: int, seed: int):
         b = self.config.batch
@@ -256,14 +249,14 @@ class Experiment:
             self.points.append(cached)
             if self._bar is not None:
                 self._bar.update(1)
-            return cached, None
+            return
         run = self._run(run_one, self.config.heldout, self.config.seed)
         err = (run.images - reference).pow(2).flatten(1).mean(1).double()
         n = err.numel()
         point = dict(sampler=sampler, family=family, curve=curve, label=label, mse=float(err.mean()),
                      mse_se=float(err.std() / math.sqrt(n)) if n > 1 else float("nan"), flops=run.flops,
                      calls=run.calls, seconds=run.seconds, **info)
-        return self._record(point, run.images), run.images
+        self._record(point, run.images)
 
     # -- the stages -----------------------------------------------------------------------------------
     def reference(self, sampler: str, n: int, seed: int) -> torch.Tensor:
@@ -379,8 +372,7 @@ class Experiment:
         # the selection set is one chunk: its noise and path come from that chunk's seed, as in the reference
         chunk_seed = self._chunks(n, sel_seed)[0][1]
         x_T = initial_noise((n, *self.image_shape), chunk_seed, self.device)
-        bm = GridBrownian(grid.fine_grid(), size=(n, int(np.prod(self.image_shape))),
-                          seed=derive_seed(chunk_seed, _STREAM_PATH), dtype=x_T.dtype, device=self.device)
+        bm = brownian_path(grid, n, int(np.prod(self.image_shape)), chunk_seed, self.device, x_T.dtype)
         paths = PathSet(x_T.reshape(n, -1), bm, ref.reshape(n, -1).to(x_T.device))
         init = sigmoid_from_probabilities(start_p, time_scale=1.0 / float(grid.times[-1]))
         before = evaluate(problem, init, paths, seed=sel_seed)

@@ -27,7 +27,7 @@ from ..stats import Stats
 from .levels import DenoiserLevel, LinearPart
 from .schedule import NoiseSchedule, StepGrid, respaced_timesteps
 
-__all__ = ["sample", "SampleResult", "initial_noise", "BASES"]
+__all__ = ["sample", "SampleResult", "initial_noise", "brownian_path", "BASES"]
 
 BASES = ("zero", "linear")
 _STREAM_XT, _STREAM_PATH, _STREAM_COINS = 10, 11, 12
@@ -49,6 +49,14 @@ def initial_noise(shape: Sequence[int], seed: int, device=None, dtype=torch.floa
     """``x_T ~ N(0, I)`` of ``shape`` from the stream of ``seed`` shared by every method."""
     gen = make_generator(derive_seed(seed, _STREAM_XT), device or "cpu")
     return torch.randn(tuple(shape), generator=gen, device=device, dtype=dtype)
+
+
+def brownian_path(grid: StepGrid, batch: int, dim: int, seed: int, device=None,
+                  dtype=torch.float32) -> GridBrownian:
+    """The fine Brownian path of ``seed``'s stream on ``grid``'s fine grid, shape ``(batch, dim)``: the path
+    every method sampled with ``seed`` shares (``initial_noise`` gives the matching ``x_T``)."""
+    return GridBrownian(grid.fine_grid(), size=(batch, dim), seed=derive_seed(seed, _STREAM_PATH), dtype=dtype,
+                        device=device or "cpu")
 
 
 def _diffusion_of(grid: StepGrid, device):
@@ -137,8 +145,7 @@ def sample(
             out, stats = odeint(drift, y0, ts, options={"grid": times}, return_stats=True, progress=progress,
                                 callback=step_callback)
         else:
-            bm = GridBrownian(grid.fine_grid(), size=(batch, y0.shape[1]), seed=derive_seed(seed, _STREAM_PATH),
-                              dtype=dtype, device=device)
+            bm = brownian_path(grid, batch, y0.shape[1], seed, device, dtype)
             sde = MultilevelSDE(drift, _diffusion_of(grid, device))
             out, stats = sdeint(sde, y0, ts, bm=bm, grid=times, return_stats=True, progress=progress,
                                 callback=step_callback)
