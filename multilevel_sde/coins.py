@@ -10,10 +10,58 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
-__all__ = ["CoinScheme", "IndependentCoins", "StratifiedCoins", "Replay", "CoinRecord", "as_coin_scheme",
-           "register_coin_scheme"]
+__all__ = ["CoinScheme", "IndependentCoins", "StratifiedCoins", "Replay", "CoinRecord", "UniformStream",
+           "as_coin_scheme", "register_coin_scheme"]
+
+
+class UniformStream:
+    """Float64 uniforms on ``[0, 1)`` from a CPU generator, drawn ``block`` at a time and handed out in order.
+
+    A request for ``n`` values returns exactly what ``torch.rand(n, generator=generator, dtype=float64)``
+    would have returned at that point of the stream (the CPU generator fills uniforms one after another),
+    so buffering changes no coin; it only spares one small random call per step. ``reset()`` drops the
+    buffer (call it after re-seeding the generator).
+    """
+
+    def __init__(self, generator: torch.Generator, block: int = 1 << 14):
+        self.generator, self.block = generator, int(block)
+        self.reset()
+
+    def reset(self) -> None:
+        self._buffer: Optional[torch.Tensor] = None
+        self._floats: Optional[list] = None
+        self._pos = 0
+
+    def _ensure(self, n: int) -> None:
+        left = 0 if self._buffer is None else self._buffer.numel() - self._pos
+        if left >= n and self._buffer is not None:
+            return
+        fresh = torch.rand(max(self.block, n - left), generator=self.generator, dtype=torch.float64)
+        self._buffer = fresh if left == 0 else torch.cat([self._buffer[self._pos:], fresh])
+        self._floats, self._pos = None, 0
+
+    def tensor(self, n: int) -> torch.Tensor:
+        """The next ``n`` uniforms, a float64 CPU tensor ``(n,)`` (a view of the buffer: do not modify)."""
+        self._ensure(n)
+        out = self._buffer[self._pos:self._pos + n]
+        self._pos += n
+        return out
+
+    def numpy(self, n: int) -> np.ndarray:
+        """The next ``n`` uniforms as a float64 numpy array (a view of the buffer: do not modify)."""
+        return self.tensor(n).numpy()
+
+    def floats(self, n: int) -> list:
+        """The next ``n`` uniforms as Python floats."""
+        self._ensure(n)
+        if self._floats is None:
+            self._floats = self._buffer.tolist()
+        out = self._floats[self._pos:self._pos + n]
+        self._pos += n
+        return out
 
 
 class CoinScheme:
@@ -40,8 +88,12 @@ class IndependentCoins(CoinScheme):
 
     def draw(self, p: torch.Tensor, batch: Optional[int], generator: torch.Generator, step: int) -> torch.Tensor:
         shape = p.shape if batch is None or p.dim() == 2 else (p.shape[0], batch)
-        u = torch.rand(shape, generator=generator, dtype=torch.float64)
-        return u < (p if p.dim() == len(shape) else p.unsqueeze(-1))
+        return self.from_uniforms(p, torch.rand(shape, generator=generator, dtype=torch.float64))
+
+    @staticmethod
+    def from_uniforms(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``u < p``: the coins from uniforms ``u`` of the coins' shape (``p`` broadcast over samples)."""
+        return u < (p if p.dim() == u.dim() else p.unsqueeze(-1))
 
     def __repr__(self) -> str:
         return "IndependentCoins()"

@@ -15,12 +15,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from ._random import check_seed, fresh_seed, make_generator
-from .coins import CoinRecord, CoinScheme, as_coin_scheme
+from .coins import CoinRecord, CoinScheme, IndependentCoins, UniformStream, as_coin_scheme
 from .cost import measure_costs
 from .probabilities import as_schedule
 from .stats import Stats
@@ -28,6 +29,7 @@ from .stats import Stats
 __all__ = ["MultilevelDrift", "NonFiniteError", "COUPLINGS"]
 
 COUPLINGS = ("batch", "sample")
+_PLAN_CACHE_SIZE = 256  # step plans kept per drift (one per distinct dt of a dt-dependent schedule)
 TimeLike = Union[float, torch.Tensor]
 
 
@@ -138,13 +140,14 @@ class MultilevelDrift(nn.Module):
         seed = check_seed(seed)
         self.seed = fresh_seed() if seed is None else seed
         self._generator = make_generator(self.seed)
+        self._uniforms = UniformStream(self._generator)
         self._step = 0
         self.check_finite = bool(check_finite)
         self.prune_certain = bool(prune_certain)
         costs_vec = _validate_costs(costs, self.num_levels)
         self.stats = Stats(self.num_levels, costs=None if costs_vec is None else costs_vec.tolist())
         self._costs = costs_vec
-        self._plan_cache = None
+        self._plan_cache: dict = {}
         self._trackers: list[Stats] = []
         self._recording = False
         self.recorded: list[CoinRecord] = []
@@ -153,6 +156,11 @@ class MultilevelDrift(nn.Module):
     @property
     def num_levels(self) -> int:
         return len(self.levels)
+
+    def _level_modules(self) -> tuple:
+        """The levels, cheapest first (read from ``_modules`` directly: ``nn.Module.__getattr__`` is slow
+        on the per-step path)."""
+        return tuple(self._modules["levels"]._modules.values())
 
     @property
     def costs(self) -> Optional[torch.Tensor]:
@@ -165,7 +173,7 @@ class MultilevelDrift(nn.Module):
 
     def set_costs(self, costs: Sequence[float], unit: str = "given") -> None:
         self._costs = _validate_costs(costs, self.num_levels)
-        self._plan_cache = None
+        self._plan_cache = {}
         for stats in (self.stats, *self._trackers):
             stats.costs, stats.cost_unit = self._costs.tolist(), unit
 
@@ -188,6 +196,7 @@ class MultilevelDrift(nn.Module):
         seed = check_seed(seed)
         self.seed = fresh_seed() if seed is None else seed
         self._generator.manual_seed(self.seed)
+        self._uniforms.reset()
         self._step = 0
         self.coins.reset()
         if self._recording:
@@ -296,14 +305,19 @@ class MultilevelDrift(nn.Module):
         return (self.evaluation_probabilities(p) * costs.reshape(shape)).sum(0)
 
     # -- evaluation ---------------------------------------------------------------------------------
-    def _evaluate(self, m: int, t: TimeLike, y: torch.Tensor) -> torch.Tensor:
-        """``f^{m+1}(t, y)`` (``m`` from 0), checked and recorded."""
+    def _evaluate(self, m: int, t: TimeLike, y: torch.Tensor, level: Optional[nn.Module] = None) -> torch.Tensor:
+        """``f^{m+1}(t, y)`` (``m`` from 0; ``level`` is ``self.levels[m]`` when the caller has it), checked
+        and recorded."""
+        level = self.levels[m] if level is None else level
         start = time.perf_counter()
-        out = self.levels[m](t, y)
+        out = level(t, y)
         seconds = time.perf_counter() - start
-        for stats in self._all_stats():  # the work ran: it is paid for even if its output is refused
-            stats.record_level(m, y.shape[0], seconds)
-        self._check_output(out, y, f"level {m + 1}", t)
+        rows = y.shape[0]
+        self.stats.record_level(m, rows, seconds)  # the work ran: it is paid for even if its output is refused
+        for stats in self._trackers:
+            stats.record_level(m, rows, seconds)
+        if out.__class__ is not torch.Tensor or out.shape != y.shape or out.dtype != y.dtype or out.device != y.device:
+            self._check_output(out, y, f"level {m + 1}", t)  # one comparison chain on the hot path; names on failure
         return out
 
     def _evaluate_base(self, t: TimeLike, y: torch.Tensor) -> torch.Tensor:
@@ -357,10 +371,49 @@ class MultilevelDrift(nn.Module):
 
     def draw_coins(self, p: torch.Tensor, batch: int) -> torch.Tensor:
         """The coins of the next step (bool CPU ``(k,)`` or ``(k, batch)``), advancing the step counter."""
-        per_sample = None if self.coupling == "batch" else batch
-        coins = self.coins.draw(p, per_sample, self._generator, self._step)
-        self._step += 1
+        if self._buffered_coins():
+            p_host = p.detach().to("cpu", torch.float64)
+            p_rows = p_host.numpy().reshape(p_host.shape[0], -1)
+            coins = self._independent_coins(p_rows, _uncertain_rows(p_rows), 1 if self.coupling == "batch" else batch)
+            return torch.from_numpy(coins.reshape(-1) if self.coupling == "batch" else coins)
+        coins = self.coins.draw(p, None if self.coupling == "batch" else batch, self._generator, self._step)
+        self.__dict__["_step"] = self._step + 1  # a plain counter: skip nn.Module.__setattr__ on the hot path
         return coins
+
+    def _buffered_coins(self) -> bool:
+        """Independent coins are ``u < p`` of fresh uniforms, taken from the buffered stream ``_uniforms``."""
+        return type(self.coins) is IndependentCoins
+
+    def _independent_coins(self, p: np.ndarray, uncertain: tuple, width: int) -> np.ndarray:
+        """Independent coins ``u < p`` for ``p`` float64 ``(k, 1)`` or ``(k, width)``: bool ``(k, width)``, advancing
+        the step counter. A level whose ``p`` is 1 (for every sample) is certain and takes no uniform; the
+        others take ``width`` uniforms each, in level order, from the buffered stream."""
+        self.__dict__["_step"] = self._step + 1
+        coins = np.ones((p.shape[0], width), dtype=bool)
+        if uncertain:
+            u = self._uniforms.numpy(len(uncertain) * width).reshape(len(uncertain), width)
+            if len(uncertain) == p.shape[0]:
+                np.less(u, p, out=coins)
+            else:
+                coins[list(uncertain)] = u < p[list(uncertain)]
+        return coins
+
+    def _batch_coins(self, plan: "_StepPlan") -> list:
+        """One coin per level as Python bools (``coupling="batch"``), advancing the step counter."""
+        if not self._buffered_coins():
+            return self.draw_coins(plan.p_host, 1).tolist()
+        self.__dict__["_step"] = self._step + 1
+        coins = [True] * len(plan.p_list)
+        if plan.uncertain:
+            for level, u in zip(plan.uncertain, self._uniforms.floats(len(plan.uncertain))):
+                coins[level] = u < plan.p_list[level]
+        return coins
+
+    def _sample_coins(self, plan: "_StepPlan", batch: int) -> np.ndarray:
+        """One coin per level and sample, bool ``(k, batch)`` (``coupling="sample"``)."""
+        if self._buffered_coins():
+            return self._independent_coins(plan.p_numpy, plan.uncertain, batch)
+        return self.draw_coins(plan.p_host, batch).numpy()
 
     def sample(self, t: TimeLike, y: torch.Tensor, dt: Optional[float]) -> torch.Tensor:
         """The unbiased estimate ``sum_l (B_l / p_l) (f^l - f^{l-1})(t, y)`` of ``f^k(t, y)``.
@@ -374,23 +427,143 @@ class MultilevelDrift(nn.Module):
             parameters (through the ``1/p`` weights, in reverse and forward mode).
         """
         self._check_state(y)
-        costs = self._require_costs(t, y)
+        costs = self._costs if self._costs is not None else self._require_costs(t, y)
         plan = self._step_plan(t, dt, costs)
         batch = y.shape[0]
-        coins = self.draw_coins(plan.p_host, batch)
-        if self._recording:
-            self.recorded.append(CoinRecord(_time_float(t), _float_or_nan(dt), plan.p_host, coins.clone()))
         scale = batch if plan.p_host.dim() == 1 else 1
-        for stats in self._all_stats():
+        self.stats.record_step(batch, plan.expected * scale, plan.theory * scale)
+        for stats in self._trackers:
             stats.record_step(batch, plan.expected * scale, plan.theory * scale)
-        if self.base is None and not plan.attached and not bool(coins.any()):
-            return torch.zeros_like(y)  # no coin came up: nothing to evaluate (the common case for small dt)
-        if self.coupling == "batch" and not plan.attached:  # plain numbers: no tensor bookkeeping
-            out, outputs = self._combine_batch_floats(t, y, coins.tolist(), plan)
-            if self.check_finite and outputs and not _all_finite(out):
-                self._raise_non_finite(t, y, outputs)
-            return out
+        one_coin = self.coupling == "batch" or (not plan.uncertain and plan.p_host.dim() == 1 and self._buffered_coins())
+        if one_coin and not plan.attached:  # one coin per level (every p = 1 makes per-sample coins all heads)
+            coins = self._batch_coins(plan)
+            if self._recording:
+                record = torch.tensor(coins, dtype=torch.bool)
+                self._record(t, dt, plan, record if self.coupling == "batch" else record[:, None].repeat(1, batch))
+            if self.base is None and not any(coins):
+                return torch.zeros_like(y)  # no coin came up: nothing to evaluate (the common case for small dt)
+            out, outputs = self._combine_batch_floats(t, y, coins, plan)
+        elif not plan.attached:  # per-sample coins worked out on the host
+            coins = self._sample_coins(plan, batch)
+            if self._recording:
+                self._record(t, dt, plan, torch.from_numpy(coins.copy()))
+            if self.base is None and not coins.any():
+                return torch.zeros_like(y)
+            out, outputs = self._combine_sample_host(t, y, coins, plan)
+        else:
+            coins = self.draw_coins(plan.p_host, batch)
+            if self._recording:
+                self._record(t, dt, plan, coins.clone())
+            out, outputs = self._combine_attached(t, y, coins, plan)
+        if self.check_finite and outputs and not _all_finite(out):
+            self._raise_non_finite(t, y, outputs)
+        return out
 
+    def _record(self, t: TimeLike, dt: Optional[float], plan: "_StepPlan", coins: torch.Tensor) -> None:
+        self.recorded.append(CoinRecord(_time_float(t), _float_or_nan(dt), plan.p_host, coins))
+
+    def _step_plan(self, t: TimeLike, dt: Optional[float], costs: torch.Tensor) -> "_StepPlan":
+        """The probabilities of a step and what follows from them (host copies, expected and theory cost per
+        sample, cancelling levels). Cached for schedules that do not depend on time (per ``dt`` for those that
+        depend on the step size), for as long as the schedule's ``cache_token()`` (else its ``extra_repr()``)
+        stays the same."""
+        schedule = self._modules["probabilities"]
+        cacheable = not getattr(schedule, "time_dependent", True)
+        if cacheable:
+            token = schedule.cache_token() if hasattr(schedule, "cache_token") else schedule.extra_repr()
+            shape = t.shape if isinstance(t, torch.Tensor) else ()  # per-sample times give per-sample p
+            key = (dt if getattr(schedule, "step_dependent", True) else None, shape, token)
+            plan = self._plan_cache.get(key)
+            if plan is not None:
+                return plan
+        p = self.probabilities_at(t, dt, costs)
+        p_host = p.detach().to("cpu", torch.float64)
+        column = costs.reshape(-1, *([1] * (p_host.dim() - 1)))
+        cancel = self._cancelling(p_host)
+        p_numpy = p_host.numpy() if p_host.dim() == 2 else p_host.numpy()[:, None]
+        plan = _StepPlan(
+            p=p,
+            p_host=p_host,
+            p_list=p_host.tolist(),
+            p_numpy=p_numpy,
+            expected=float(self._expected_cost_of(p_host, costs).sum()),
+            theory=float((p_host * column).sum()),
+            cancel=cancel,
+            cancel_list=cancel.tolist(),
+            keep_numpy=~(cancel.numpy() if cancel.dim() == 2 else cancel.numpy()[:, None]),
+            uncertain=_uncertain_rows(p_numpy),
+            attached=p.requires_grad or fwAD.unpack_dual(p).tangent is not None,
+        )
+        if cacheable and not plan.attached:
+            if len(self._plan_cache) >= _PLAN_CACHE_SIZE:  # a non-uniform grid of a dt-dependent schedule
+                self._plan_cache.clear()
+            self._plan_cache[key] = plan
+        return plan
+
+    def _combine_batch_floats(self, t, y, coins: list, plan: "_StepPlan"):
+        """``sum_m c_m f^m`` with one coin per level, the coefficients as Python floats."""
+        k = self.num_levels
+        levels = self._level_modules()
+        weights = [1.0 / p if c else 0.0 for c, p in zip(coins, plan.p_list)] + [0.0]
+        out, owned, outputs = None, False, {}
+        for m in range(k - 1, -1, -1):
+            if not (coins[m] or (m + 1 < k and coins[m + 1])) or plan.cancel_list[m]:
+                continue
+            f_m = outputs[m + 1] = self._evaluate(m, t, y, levels[m])
+            out, owned = _accumulate(out, owned, f_m, weights[m] - weights[m + 1])
+        if self.base is not None:  # F = f^0 + sum_l w_l (f^l - f^{l-1}): f^0 enters with 1 - w_1
+            f_0 = outputs[0] = self._evaluate_base(t, y)
+            out, owned = _accumulate(out, owned, f_0, 1.0 - weights[0])
+        return (torch.zeros_like(y) if out is None else out), outputs
+
+    def _combine_sample_host(self, t, y, drawn: np.ndarray, plan: "_StepPlan"):
+        """Per-sample coins, nothing to differentiate: coefficients and sub-batches are worked out on the host
+        (numpy, a few microseconds); each level runs on the sub-batch that needs it. A level needed by every
+        sample enters the sum directly (as a number when its coefficient is the same for all); the sub-batch
+        terms are scattered into it with one ``index_add_``."""
+        batch, k = y.shape[0], self.num_levels
+        weights = drawn / plan.p_numpy  # B_l / p_l, float64 (k, batch)
+        coef = weights.copy()
+        coef[:-1] -= weights[1:]  # c_m = w_m - w_{m+1}
+        need = drawn.copy()
+        need[:-1] |= drawn[1:]
+        need &= plan.keep_numpy
+        counts, heads = need.sum(1).tolist(), drawn.sum(1).tolist()
+        uniform_p = plan.p_numpy.shape[1] == 1
+        levels = self._level_modules()
+        trailing = (1,) * (y.dim() - 1)
+        per_sample_t = _is_per_sample(t, batch)
+        out, owned, outputs, scattered = None, False, {}, []
+        for m in range(k - 1, -1, -1):
+            count = counts[m]
+            if count == 0:
+                continue
+            if count < batch:
+                rows = np.flatnonzero(need[m])
+                idx = _on_device(torch.from_numpy(rows), y.device)
+                t_sub = t.index_select(0, idx) if per_sample_t else t
+                outputs[m + 1] = self._evaluate(m, t_sub, y.index_select(0, idx), levels[m])
+                scattered.append((rows, outputs[m + 1], coef[m, rows]))
+                continue
+            f_m = outputs[m + 1] = self._evaluate(m, t, y, levels[m])
+            if uniform_p and heads[m] in (0, batch) and (m + 1 == k or heads[m + 1] in (0, batch)):
+                out, owned = _accumulate(out, owned, f_m, float(coef[m, 0]))  # the same coefficient for all
+            else:
+                out, owned = _accumulate_rows(out, owned, f_m, coef[m], y)
+        if self.base is not None:  # f^0 is free and always enters, with coefficient 1 - w_1
+            f_0 = outputs[0] = self._evaluate_base(t, y)
+            out, owned = _accumulate_rows(out, owned, f_0, 1.0 - weights[0], y)
+        if scattered:
+            rows = np.concatenate([r for r, _, _ in scattered])
+            terms = torch.cat([f for _, f, _ in scattered]) if len(scattered) > 1 else scattered[0][1].clone()
+            terms.mul_(_host_to_like(np.concatenate([c for _, _, c in scattered]), y).reshape(-1, *trailing))
+            if not owned:
+                out = torch.zeros_like(y) if out is None else out.clone()
+            out.index_add_(0, _on_device(torch.from_numpy(rows), y.device), terms)
+        return out, outputs
+
+    def _combine_attached(self, t, y, coins, plan: "_StepPlan"):
+        """The estimate as tensor operations on ``p``, so that it stays differentiable in the schedule."""
         p = plan.p
         p_b = p.unsqueeze(-1) if coins.dim() > p.dim() else p
         weights = coins.to(device=p.device, dtype=p.dtype) / p_b  # B_l / p_l, differentiable in p
@@ -398,51 +571,8 @@ class MultilevelDrift(nn.Module):
         cancel = plan.cancel.unsqueeze(-1).expand(coins.shape) if coins.dim() > plan.cancel.dim() else plan.cancel
         need = (coins | torch.cat([coins[1:], torch.zeros_like(coins[:1])])) & ~cancel
         if self.coupling == "batch":
-            out, outputs = self._combine_batch(t, y, coins, need, coef, weights)
-        else:
-            out, outputs = self._combine_sample(t, y, coins, need, coef, weights, plan.attached)
-        if self.check_finite and outputs and not _all_finite(out):
-            self._raise_non_finite(t, y, outputs)
-        return out
-
-    def _step_plan(self, t: TimeLike, dt: Optional[float], costs: torch.Tensor) -> "_StepPlan":
-        """The probabilities of a step and what follows from them (host copy, expected and theory cost per
-        sample, cancelling levels); cached per ``dt`` for schedules that do not depend on time."""
-        cacheable = not getattr(self.probabilities, "time_dependent", True)
-        key = (dt, self.probabilities.extra_repr() if hasattr(self.probabilities, "extra_repr") else None)
-        if cacheable and self._plan_cache is not None and self._plan_cache[0] == key:
-            return self._plan_cache[1]
-        p = self.probabilities_at(t, dt, costs)
-        p_host = p.detach().to("cpu", torch.float64)
-        column = costs.reshape(-1, *([1] * (p_host.dim() - 1)))
-        plan = _StepPlan(
-            p=p,
-            p_host=p_host,
-            p_list=p_host.tolist(),
-            expected=float(self._expected_cost_of(p_host, costs).sum()),
-            theory=float((p_host * column).sum()),
-            cancel=self._cancelling(p_host),
-            cancel_list=self._cancelling(p_host).tolist(),
-            attached=p.requires_grad or fwAD.unpack_dual(p).tangent is not None,
-        )
-        if cacheable and not plan.attached:
-            self._plan_cache = (key, plan)
-        return plan
-
-    def _combine_batch_floats(self, t, y, coins: list, plan: "_StepPlan"):
-        """``sum_m c_m f^m`` with one coin per level, the coefficients as Python floats."""
-        k = self.num_levels
-        weights = [1.0 / p if c else 0.0 for c, p in zip(coins, plan.p_list)] + [0.0]
-        out, outputs = None, {}
-        for m in reversed(range(k)):
-            if not (coins[m] or (m + 1 < k and coins[m + 1])) or plan.cancel_list[m]:
-                continue
-            f_m = outputs[m + 1] = self._evaluate(m, t, y)
-            out = _accumulate(out, f_m, weights[m] - weights[m + 1])
-        if self.base is not None:  # F = f^0 + sum_l w_l (f^l - f^{l-1}): f^0 enters with 1 - w_1
-            f_0 = outputs[0] = self._evaluate_base(t, y)
-            out = _accumulate(out, f_0, 1.0 - weights[0])
-        return (torch.zeros_like(y) if out is None else out), outputs
+            return self._combine_batch(t, y, coins, need, coef, weights)
+        return self._combine_sample(t, y, coins, need, coef, weights)
 
     def _combine_batch(self, t, y, coins, need, coef, weights):
         out, outputs = None, {}
@@ -460,10 +590,9 @@ class MultilevelDrift(nn.Module):
             out = torch.zeros_like(y) + 0 * weights.sum().to(y.dtype)
         return out, outputs
 
-    def _combine_sample(self, t, y, coins, need, coef, weights, attached: bool):
-        """Per-sample coins: each level runs on the sub-batch that needs it. The coefficients move to the
-        device once and the sub-batch sizes come from one count; without a gradient to keep, the sum is
-        accumulated in place."""
+    def _combine_sample(self, t, y, coins, need, coef, weights):
+        """Per-sample coins, differentiable in ``p``: each level runs on the sub-batch that needs it. The
+        coefficients move to the device once and the sub-batch sizes come from one count."""
         batch = y.shape[0]
         trailing = (1,) * (y.dim() - 1)
         levels = list(range(self.num_levels, 0, -1))
@@ -479,14 +608,12 @@ class MultilevelDrift(nn.Module):
             evaluate = self._evaluate_base if level == 0 else (lambda tt, yy, m=level - 1: self._evaluate(m, tt, yy))
             if count == batch:
                 f_l = outputs[level] = evaluate(t, y)
-                term = c.reshape(-1, *trailing) * f_l
-                out = out + term if attached else out.add_(term)
+                out = out + c.reshape(-1, *trailing) * f_l
             else:
                 idx = mask.nonzero().squeeze(1).to(y.device, non_blocking=True)
                 t_sub = t.index_select(0, idx) if _is_per_sample(t, batch) else t
                 f_l = outputs[level] = evaluate(t_sub, y.index_select(0, idx))
-                term = c.index_select(0, idx).reshape(-1, *trailing) * f_l
-                out = out.index_add(0, idx, term) if attached else out.index_add_(0, idx, term)
+                out = out.index_add(0, idx, c.index_select(0, idx).reshape(-1, *trailing) * f_l)
         if not outputs:  # no coin came up: F = 0, still attached to the schedule's graph
             out = out + 0 * weights.sum().to(y.dtype)
         return out, outputs
@@ -514,19 +641,57 @@ class _StepPlan:
     attached: bool  # p carries a gradient (reverse or forward mode)
     p_list: list = None
     cancel_list: list = None
+    p_numpy: np.ndarray = None  # float64 (k, 1) or (k, batch)
+    keep_numpy: np.ndarray = None  # bool, ~cancel, shaped like p_numpy
+    uncertain: tuple = ()  # levels whose coin is not certain (p < 1 for some sample)
+
+
+def _uncertain_rows(p: np.ndarray) -> tuple:
+    """The levels (rows of ``p`` ``(k, ...)``) where some ``p < 1``."""
+    return tuple(np.flatnonzero((p.reshape(p.shape[0], -1) < 1).any(1)).tolist())
 
 
 def _all_finite(x: torch.Tensor) -> bool:
     """No NaN or inf in ``x``: one reduction, and the full check only when the sum is not finite."""
-    return math.isfinite(float(x.detach().sum())) or bool(torch.isfinite(x).all())
+    return math.isfinite((x.detach() if x.requires_grad else x).sum().item()) or bool(torch.isfinite(x).all())
 
 
-def _accumulate(out: Optional[torch.Tensor], f: torch.Tensor, coefficient: float) -> Optional[torch.Tensor]:
-    """``out + coefficient * f`` (``f`` itself when it is the first term with coefficient 1; a zero
-    coefficient still multiplies, so a level's NaN is not hidden)."""
+def _accumulate(out: Optional[torch.Tensor], owned: bool, f: torch.Tensor, coefficient: float):
+    """``(out + coefficient * f, owned)``: ``f`` itself when it is the first term with coefficient 1, in place
+    when ``out`` is a tensor of our own (``owned``), never in place on a level's output. A zero coefficient
+    still multiplies, so a level's NaN is not hidden."""
     if out is None:
-        return f if coefficient == 1.0 else coefficient * f
-    return out + f if coefficient == 1.0 else out + coefficient * f
+        return (f, False) if coefficient == 1.0 else (f * coefficient, True)
+    if owned:
+        return out.add_(f, alpha=coefficient), True
+    return torch.add(out, f, alpha=coefficient), True
+
+
+def _accumulate_rows(out: Optional[torch.Tensor], owned: bool, f: torch.Tensor, coefficients: np.ndarray,
+                     like: torch.Tensor):
+    """``(out + c * f, owned)`` with one coefficient per sample (``coefficients``: float64 ``(batch,)``)."""
+    c = _host_to_like(coefficients, like).reshape(-1, *(1,) * (like.dim() - 1))
+    if out is None:
+        return f * c, True
+    if owned:
+        return out.addcmul_(f, c), True
+    return torch.addcmul(out, f, c), True
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+def _on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` (a CPU tensor) on ``device``; no call at all when that is the CPU."""
+    return x if device.type == "cpu" else x.to(device, non_blocking=True)
+
+
+def _host_to_like(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """Host numbers as a tensor of ``like``'s dtype and device (converted by numpy when it can)."""
+    np_dtype = _NUMPY_DTYPES.get(like.dtype)
+    if np_dtype is None:
+        return torch.from_numpy(values).to(device=like.device, dtype=like.dtype)
+    return _on_device(torch.from_numpy(values.astype(np_dtype, copy=False)), like.device)
 
 
 def _is_per_sample(t, batch: int) -> bool:

@@ -83,6 +83,8 @@ class _SDEProtocol:
         if self._g is None and self._g_prod is None and self._f_and_g_prod is None:
             raise ValueError(f"sde must define {g_name!r}, g_prod or f_and_g_prod")
         self.multilevel: Optional[MultilevelDrift] = getattr(sde, "multilevel", None)
+        if self._f_step is not None and type(sde).f_step is MultilevelSDE.f_step and self.multilevel is not None:
+            self._f_step = self.multilevel.sample  # what MultilevelSDE.f_step calls, without its per-step lookups
 
     def drift(self, t, y, h):
         if self._f_step is not None:
