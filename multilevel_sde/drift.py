@@ -505,16 +505,16 @@ class MultilevelDrift(nn.Module):
         k = self.num_levels
         levels = self._level_modules()
         weights = [1.0 / p if c else 0.0 for c, p in zip(coins, plan.p_list)] + [0.0]
-        out, owned, outputs = None, False, {}
+        terms, outputs = [], {}
         for m in range(k - 1, -1, -1):
             if not (coins[m] or (m + 1 < k and coins[m + 1])) or plan.cancel_list[m]:
                 continue
             f_m = outputs[m + 1] = self._evaluate(m, t, y, levels[m])
-            out, owned = _accumulate(out, owned, f_m, weights[m] - weights[m + 1])
+            terms.append((f_m, weights[m] - weights[m + 1]))
         if self.base is not None:  # F = f^0 + sum_l w_l (f^l - f^{l-1}): f^0 enters with 1 - w_1
             f_0 = outputs[0] = self._evaluate_base(t, y)
-            out, owned = _accumulate(out, owned, f_0, 1.0 - weights[0])
-        return (torch.zeros_like(y) if out is None else out), outputs
+            terms.append((f_0, 1.0 - weights[0]))
+        return (_linear_combination(terms) if terms else torch.zeros_like(y)), outputs
 
     def _combine_sample_host(self, t, y, drawn: np.ndarray, plan: "_StepPlan"):
         """Per-sample coins, nothing to differentiate: coefficients and sub-batches are worked out on the host
@@ -665,6 +665,17 @@ def _accumulate(out: Optional[torch.Tensor], owned: bool, f: torch.Tensor, coeff
     if owned:
         return out.add_(f, alpha=coefficient), True
     return torch.add(out, f, alpha=coefficient), True
+
+
+def _linear_combination(terms: list) -> torch.Tensor:
+    """``sum c * f`` over ``terms = [(f, c), ...]`` (``c`` floats): it starts from a term whose ``c`` is 1 when
+    there is one (no multiply; ``f`` itself for a single such term), then adds each other term with one fused
+    ``add(f, alpha=c)``, in place on the sum once it is a tensor of our own, never on a level's output."""
+    start = next((i for i, (_, c) in enumerate(terms) if c == 1.0), 0)
+    out, owned = None, False
+    for f, c in (terms[start], *terms[:start], *terms[start + 1:]):
+        out, owned = _accumulate(out, owned, f, c)
+    return out
 
 
 def _accumulate_rows(out: Optional[torch.Tensor], owned: bool, f: torch.Tensor, coefficients: np.ndarray,

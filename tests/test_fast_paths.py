@@ -130,3 +130,16 @@ def test_per_sample_times_with_a_new_batch_size_get_their_own_plan():
     for batch in (4, 7, 4):
         x, t = torch.randn(batch, D, dtype=DTYPE), torch.rand(batch, dtype=DTYPE)
         assert torch.equal(drift.sample(t, x, 0.1), levels[-1](t, x))  # every row, not the first 4 only
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(coefficients=st.lists(st.sampled_from([1.0, -1.0, 2.0, 0.0, 0.5, 8.0]), min_size=1, max_size=5))
+def test_linear_combination_is_the_sum_and_leaves_the_levels_outputs_alone(coefficients):
+    from multilevel_sde.drift import _linear_combination
+
+    gen = torch.Generator().manual_seed(len(coefficients))
+    outputs = [torch.randn(4, D, generator=gen, dtype=DTYPE) for _ in coefficients]
+    before = [f.clone() for f in outputs]
+    total = _linear_combination(list(zip(outputs, coefficients)))
+    torch.testing.assert_close(total, sum(c * f for f, c in zip(outputs, coefficients)), rtol=1e-14, atol=1e-14)
+    assert all(torch.equal(f, b) for f, b in zip(outputs, before))
