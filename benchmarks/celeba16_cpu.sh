@@ -4,6 +4,7 @@
 # Results and figures go to benchmarks/results/celeba16-cpu/{ddpm,ddim}; checkpoints stay in $WORK.
 #
 #   CELEBA=/path/to/img_align_celeba_parent bash benchmarks/celeba16_cpu.sh     # about 1.5 h on 2 cores
+#   (plus the distillation lever, step 3: ~20 min of training and the DDPM experiment; DISTILLED=0 skips it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,3 +34,20 @@ for sampler in ddpm ddim; do
 done
 wait
 echo "done: $OUT/ddpm/report.md $OUT/ddim/report.md"
+
+# 3. the distillation lever: cpu-xs and cpu-m distilled from the top network (cpu-xl, level_4) with the same
+#    budget (3000 steps), then ML-EM on (xs distilled, m distilled, xl) for DDPM
+if [ "${DISTILLED:-1}" = 1 ]; then
+  for spec in "cpu-xs level_0" "cpu-m level_2"; do
+    set -- $spec
+    OMP_NUM_THREADS=1 "$PY" -m multilevel_sde.cli train --preset "$1" --data "celeba:$CELEBA" --image-size 16 \
+      --steps 3000 --batch-size 64 --lr 5e-4 --warmup 100 --eval-every 1000 --checkpoint-every 500 \
+      --distill-from "$WORK/celeba16/level_4/checkpoint.pt" --out "$WORK/celeba16-distill/$2" --no-progress \
+      > "$WORK/celeba16-distill-$2.json"
+  done
+  "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-distill/level_0" "$WORK/celeba16-distill/level_2" \
+    "$WORK/celeba16/level_4" --out "$OUT/ddpm-distilled" --samplers ddpm \
+    --title "CelebA 16x16, cpu-xs and cpu-m distilled from cpu-xl, DDPM (CPU)" "${ARGS[@]}" \
+    > "$OUT/ddpm-distilled.log" 2>&1
+  echo "done: $OUT/ddpm-distilled/report.md"
+fi
