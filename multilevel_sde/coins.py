@@ -82,7 +82,11 @@ class CoinScheme:
 
 
 class IndependentCoins(CoinScheme):
-    """Independent coins over levels, steps (and samples): the paper's scheme."""
+    """Independent coins over levels, steps (and samples): the paper's scheme.
+
+    A ``MultilevelDrift`` draws these coins itself, as ``u < p`` from its buffered ``UniformStream``, and gives
+    a level whose ``p`` is 1 its (certain) coin without consuming a uniform.
+    """
 
     name = "independent"
 
