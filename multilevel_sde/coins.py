@@ -92,12 +92,8 @@ class IndependentCoins(CoinScheme):
 
     def draw(self, p: torch.Tensor, batch: Optional[int], generator: torch.Generator, step: int) -> torch.Tensor:
         shape = p.shape if batch is None or p.dim() == 2 else (p.shape[0], batch)
-        return self.from_uniforms(p, torch.rand(shape, generator=generator, dtype=torch.float64))
-
-    @staticmethod
-    def from_uniforms(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """``u < p``: the coins from uniforms ``u`` of the coins' shape (``p`` broadcast over samples)."""
-        return u < (p if p.dim() == u.dim() else p.unsqueeze(-1))
+        u = torch.rand(shape, generator=generator, dtype=torch.float64)
+        return u < (p if p.dim() == len(shape) else p.unsqueeze(-1))
 
     def __repr__(self) -> str:
         return "IndependentCoins()"
