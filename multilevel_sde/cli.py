@@ -42,7 +42,7 @@ def _experiment(args: argparse.Namespace) -> int:
         heldout=args.heldout, select=args.select, batch=args.batch, samplers=tuple(args.samplers.split(",")),
         em_steps=_ints(args.em_steps), reference_steps=args.reference_steps,
         mlem_networks=_ints(args.mlem_networks) if args.mlem_networks else None, mlem_steps=_ints(args.mlem_steps),
-        p_top=_floats(args.p_top), strategies=tuple(args.strategies.split(",")), stratified=args.stratified,
+        p_top=_floats(args.p_top), strategies=tuple(args.strategies.split(",")), stratified=tuple(filter(None, args.stratified.split(","))),
         coupling=args.coupling, learn_steps=args.learn_steps, learn_batch=args.learn_batch,
         learn_grid=args.learn_grid, deltas=_floats(args.deltas), tstitch_fractions=_floats(args.tstitch_fractions),
         tstitch_steps=_ints(args.tstitch_steps), threshold=thresholds or None, seed=args.seed)
@@ -163,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--mlem-steps", default=",".join(map(str, d.mlem_steps)))
     exp.add_argument("--p-top", default=",".join(map(str, d.p_top)), help="sweep of the fixed strategies")
     exp.add_argument("--strategies", default=",".join(d.strategies))
-    exp.add_argument("--stratified", action=argparse.BooleanOptionalAction, default=d.stratified)
+    exp.add_argument("--stratified", default=",".join(d.stratified),
+                     help="strategies also run with stratified coins (default: %(default)s)")
+    exp.add_argument("--no-stratified", dest="stratified", action="store_const", const="",
+                     help="no stratified coins")
     exp.add_argument("--coupling", choices=["sample", "batch"], default=d.coupling)
     exp.add_argument("--learn-steps", type=int, default=d.learn_steps)
     exp.add_argument("--learn-batch", type=int, default=d.learn_batch)

@@ -147,3 +147,25 @@ def test_run_writes_every_point_and_reuses_them(ladder, tmp_path, monkeypatch):
     extended = replace(TINY, em_steps=(2,) + TINY.em_steps, p_top=(0.9,) + TINY.p_top + (0.01,))
     assert extended.key(ladder) == again.key  # a longer sweep reuses the points already measured
     assert replace(TINY, heldout=7).key(ladder) != again.key
+
+
+def test_every_strategy_can_also_run_with_stratified_coins(ladder, tmp_path):
+    from dataclasses import replace
+
+    config = replace(TINY, stratified=("inverse-cost", "theory", "learned"), p_top=(0.3,), deltas=(0.0,))
+    ex = Experiment(ladder, SHAPE, config, tmp_path, progress=False)
+    reference = ex.reference("ddpm", config.heldout, config.seed)
+    ex.fixed("ddpm", reference, 2.0)  # a gamma: the theory exponent runs
+    ex.learned("ddpm", reference)
+    by_curve = {p["curve"]: p for p in ex.points}
+    names = ("inverse-cost", "theory", "learned")
+    assert set(by_curve) == {f"ML-EM {n}{s} 20" for n in names for s in ("", " stratified")}
+    for name in names:
+        plain, stratified = by_curve[f"ML-EM {name} 20"], by_curve[f"ML-EM {name} stratified 20"]
+        assert plain["coins"] == "independent" and stratified["coins"] == "stratified"
+        assert stratified["mse"] != plain["mse"]  # other coins, other samples
+    assert ex._total() == 3 * len(config.em_steps) + len(ex.points) + 1  # EM, these 6 ML-EM points, T-Stitch
+    assert ExperimentConfig(stratified=True).validate().stratified == ("inverse-cost",)  # the older flag
+    assert ExperimentConfig(stratified=False).validate().stratified == ()
+    with pytest.raises(ValueError, match="stratified"):
+        ExperimentConfig(stratified=("magic",)).validate()

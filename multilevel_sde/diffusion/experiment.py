@@ -44,6 +44,7 @@ from .unet import unet_flops
 __all__ = ["ExperimentConfig", "Experiment", "run_experiment", "network_flops", "fixed_probabilities"]
 
 PROTOCOL_STEPS = (250, 500, 750, 900, 1000)
+STRATEGIES = ("inverse-cost", "theory", "learned")
 _KEY_FIELDS = ("heldout", "select", "batch", "reference_steps", "mlem_networks", "coupling", "learn_steps",
                "learn_batch", "learn_grid", "schedule", "seed")
 
@@ -63,7 +64,8 @@ class ExperimentConfig:
         mlem_steps: the grids ML-EM runs on.
         p_top: the sweep of the fixed strategies, by the top network's probability.
         strategies: any of "inverse-cost", "theory", "learned".
-        stratified: also run inverse cost with stratified coins.
+        stratified: the strategies also run with stratified coins (``StratifiedCoins``, the same probabilities;
+            a learned schedule is fitted with independent coins and only evaluated with stratified ones).
         coupling: ML-EM coins per sample ("sample": the measured MSE is the mean over coin draws) or shared by
             a batch ("batch", the paper's GPU batching).
         learn_steps, learn_batch, learn_grid, deltas: the learned strategy: SGD steps, paths per step, the
@@ -83,7 +85,7 @@ class ExperimentConfig:
     mlem_steps: tuple = (1000, 500, 250)
     p_top: tuple = (0.5, 0.25, 0.1, 0.05, 0.02)
     strategies: tuple = ("inverse-cost", "theory", "learned")
-    stratified: bool = True
+    stratified: tuple = ("inverse-cost",)
     coupling: str = "sample"
     learn_steps: int = 20
     learn_batch: int = 32
@@ -104,9 +106,14 @@ class ExperimentConfig:
         bad = set(self.samplers) - {"ddpm", "ddim"}
         if bad or not self.samplers:
             raise ValueError(f"samplers must be a non-empty subset of ('ddpm', 'ddim'), got {self.samplers!r}")
-        bad = set(self.strategies) - {"inverse-cost", "theory", "learned"}
-        if bad:
-            raise ValueError(f"unknown strategies {sorted(bad)}; known: inverse-cost, theory, learned")
+        if isinstance(self.stratified, bool):  # the older flag: inverse cost with stratified coins, or nothing
+            self.stratified = ("inverse-cost",) if self.stratified else ()
+        for name in ("strategies", "stratified"):
+            if isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a tuple of strategy names, got the string {getattr(self, name)!r}")
+            bad = set(getattr(self, name)) - set(STRATEGIES)
+            if bad:
+                raise ValueError(f"unknown {name} {sorted(bad)}; known: {', '.join(STRATEGIES)}")
         for name in ("em_steps", "mlem_steps", "tstitch_steps"):
             for s in getattr(self, name):
                 if not isinstance(s, int) or not 1 <= s <= self.reference_steps:
@@ -316,16 +323,16 @@ class Experiment:
     def fixed(self, sampler: str, reference: torch.Tensor, gamma: Optional[float]) -> None:
         nets = self.mlem_networks
         costs = [self.flops[i] for i in nets]
-        strategies = []
+        ratios = {}
         if "inverse-cost" in self.config.strategies:
-            strategies.append(("inverse-cost", 1.0, "independent"))
-            if self.config.stratified:
-                strategies.append(("inverse-cost stratified", 1.0, "stratified"))
+            ratios["inverse-cost"] = 1.0
         if "theory" in self.config.strategies:
             if gamma is not None and math.isfinite(gamma) and gamma > 0:
-                strategies.append(("theory", (1.0 + gamma / 2.0) / gamma, "independent"))
+                ratios["theory"] = (1.0 + gamma / 2.0) / gamma
             else:  # no gamma, no theory exponent: these points will not come
-                self._skip(len(self.config.mlem_steps) * len(self.config.p_top))
+                self._skip(len(self.config.mlem_steps) * len(self.config.p_top) * len(self._coin_schemes("theory")))
+        strategies = [(name + suffix, ratio, coins) for name, ratio in ratios.items()
+                      for suffix, coins in self._coin_schemes(name)]
         for steps in self.config.mlem_steps:
             for name, ratio, coins in strategies:
                 for p_top in self.config.p_top:
@@ -347,12 +354,19 @@ class Experiment:
             saved.write_text(json.dumps(info, indent=1))
         schedule = Sigmoid(info["a"], info["b"], floor=info["floor"], time_scale=info["time_scale"])
         for steps in cfg.mlem_steps:
-            for delta in cfg.deltas:
-                fn = self._sample_fn(sampler, nets, steps, probabilities=shifted(schedule, delta),
-                                     coupling=cfg.coupling)
-                self._measure(sampler, "mlem", f"ML-EM learned {steps}", f"ML-EM learned {steps} delta={delta:+g}",
-                              fn, reference, steps=steps, networks=list(nets), param=delta)
+            for suffix, coins in self._coin_schemes("learned"):
+                for delta in cfg.deltas:
+                    fn = self._sample_fn(sampler, nets, steps, probabilities=shifted(schedule, delta),
+                                         coupling=cfg.coupling, coins=coins)
+                    self._measure(sampler, "mlem", f"ML-EM learned{suffix} {steps}",
+                                  f"ML-EM learned{suffix} {steps} delta={delta:+g}", fn, reference, steps=steps,
+                                  networks=list(nets), param=delta, coins=coins)
         return info
+
+    def _coin_schemes(self, strategy: str) -> list:
+        """``(curve-name suffix, coins)`` pairs a strategy runs with: independent coins, and stratified ones when
+        the config asks for them."""
+        return [("", "independent")] + ([(" stratified", "stratified")] if strategy in self.config.stratified else [])
 
     def fit(self, sampler: str) -> dict:
         """Fits a ``Sigmoid`` schedule on the selection set, from inverse cost at the median ``p_top``, with the
@@ -437,9 +451,9 @@ class Experiment:
     # -- the whole run --------------------------------------------------------------------------------
     def _total(self) -> int:
         cfg = self.config
-        fixed = len(cfg.p_top) * (("inverse-cost" in cfg.strategies) * (1 + cfg.stratified)
-                                  + ("theory" in cfg.strategies))
-        learned = len(cfg.deltas) * ("learned" in cfg.strategies)
+        fixed = len(cfg.p_top) * sum(len(self._coin_schemes(s)) for s in ("inverse-cost", "theory")
+                                     if s in cfg.strategies)
+        learned = len(cfg.deltas) * len(self._coin_schemes("learned")) * ("learned" in cfg.strategies)
         per = (len(self.models) * len(cfg.em_steps) + len(cfg.mlem_steps) * (fixed + learned)
                + len(cfg.tstitch_steps) * len(cfg.tstitch_fractions))
         return per * len(cfg.samplers)
