@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -501,20 +501,33 @@ class MultilevelDrift(nn.Module):
         return plan
 
     def _combine_batch_floats(self, t, y, coins: list, plan: "_StepPlan"):
-        """``sum_m c_m f^m`` with one coin per level, the coefficients as Python floats."""
-        k = self.num_levels
+        """``sum_m c_m f^m`` with one coin per level; which levels run and their float coefficients depend only
+        on the coins, so they are worked out once per coin pattern of a plan (``_batch_recipe``)."""
+        key = tuple(coins)
+        recipe = plan.recipes.get(key)
+        if recipe is None:
+            recipe = plan.recipes[key] = self._batch_recipe(coins, plan)
         levels = self._level_modules()
+        outputs = {}
+        for m in recipe.evaluate:  # the top level first
+            outputs[m + 1] = self._evaluate(m, t, y, levels[m])
+        if self.base is not None:
+            outputs[0] = self._evaluate_base(t, y)
+        if not recipe.terms:
+            return torch.zeros_like(y), outputs
+        return _combine_ordered([(outputs[j], c) for j, c in recipe.terms]), outputs
+
+    def _batch_recipe(self, coins: list, plan: "_StepPlan") -> "_BatchRecipe":
+        """The levels one coin pattern evaluates (``m`` from 0, top first) and the terms ``(j, c_j)`` of its sum
+        (``j`` = 0 for the base), ordered as ``_linear_combination`` would add them."""
+        k = self.num_levels
         weights = [1.0 / p if c else 0.0 for c, p in zip(coins, plan.p_list)] + [0.0]
-        terms, outputs = [], {}
-        for m in range(k - 1, -1, -1):
-            if not (coins[m] or (m + 1 < k and coins[m + 1])) or plan.cancel_list[m]:
-                continue
-            f_m = outputs[m + 1] = self._evaluate(m, t, y, levels[m])
-            terms.append((f_m, weights[m] - weights[m + 1]))
+        evaluate = [m for m in range(k - 1, -1, -1)
+                    if (coins[m] or (m + 1 < k and coins[m + 1])) and not plan.cancel_list[m]]
+        terms = [(m + 1, weights[m] - weights[m + 1]) for m in evaluate]
         if self.base is not None:  # F = f^0 + sum_l w_l (f^l - f^{l-1}): f^0 enters with 1 - w_1
-            f_0 = outputs[0] = self._evaluate_base(t, y)
-            terms.append((f_0, 1.0 - weights[0]))
-        return (_linear_combination(terms) if terms else torch.zeros_like(y)), outputs
+            terms.append((0, 1.0 - weights[0]))
+        return _BatchRecipe(evaluate=evaluate, terms=_start_with_unit(terms))
 
     def _combine_sample_host(self, t, y, drawn: np.ndarray, plan: "_StepPlan"):
         """Per-sample coins, nothing to differentiate: coefficients and sub-batches are worked out on the host
@@ -644,6 +657,13 @@ class _StepPlan:
     p_numpy: np.ndarray = None  # float64 (k, 1) or (k, batch)
     keep_numpy: np.ndarray = None  # bool, ~cancel, shaped like p_numpy
     uncertain: tuple = ()  # levels whose coin is not certain (p < 1 for some sample)
+    recipes: dict = field(default_factory=dict)  # coin pattern -> _BatchRecipe (coupling="batch")
+
+
+@dataclass
+class _BatchRecipe:
+    evaluate: list  # levels to evaluate (m from 0), top first
+    terms: list  # (j, c_j): output j (0 the base, m + 1 level m) with its coefficient, in the order of the sum
 
 
 def _uncertain_rows(p: np.ndarray) -> tuple:
@@ -671,9 +691,20 @@ def _linear_combination(terms: list) -> torch.Tensor:
     """``sum c * f`` over ``terms = [(f, c), ...]`` (``c`` floats): it starts from a term whose ``c`` is 1 when
     there is one (no multiply; ``f`` itself for a single such term), then adds each other term with one fused
     ``add(f, alpha=c)``, in place on the sum once it is a tensor of our own, never on a level's output."""
+    return _combine_ordered(_start_with_unit(terms))
+
+
+def _start_with_unit(terms: list) -> list:
+    """``terms`` (pairs whose second entry is a float coefficient) with the first one whose coefficient is 1
+    moved to the front."""
     start = next((i for i, (_, c) in enumerate(terms) if c == 1.0), 0)
+    return [terms[start], *terms[:start], *terms[start + 1:]]
+
+
+def _combine_ordered(terms: list) -> torch.Tensor:
+    """``sum c * f`` over ``terms = [(f, c), ...]``, accumulated in the given order (``_linear_combination``)."""
     out, owned = None, False
-    for f, c in (terms[start], *terms[:start], *terms[start + 1:]):
+    for f, c in terms:
         out, owned = _accumulate(out, owned, f, c)
     return out
 
