@@ -109,3 +109,36 @@ def test_importing_the_report_does_not_need_matplotlib(monkeypatch):
     importlib.reload(report_module)
     with pytest.raises(ImportError):
         report_module.plot_gamma(make_results()["gamma"], "unused.png")
+
+
+def test_many_curves_share_a_legend_of_styles(tmp_path):
+    """Past a dozen curves, colour = method, dashes = stratified coins, marker = step grid: one legend entry
+    per method, grid and EM network instead of one per curve."""
+    points = []
+    for steps in (1000, 250, 50, 10):
+        for strategy in ("inverse-cost", "learned"):
+            for coins in ("", " stratified"):
+                for i, cost in enumerate((1e8, 1e9)):
+                    points.append(dict(sampler="ddpm", family="mlem", curve=f"ML-EM {strategy}{coins} {steps}",
+                                       mse=0.1 / (i + 1), flops=cost * steps / 100))
+        points.append(dict(sampler="ddpm", family="tstitch", curve=f"T-Stitch {steps}", mse=0.2, flops=1e8 * steps))
+    points += [dict(sampler="ddpm", family="em", curve="EM top network", mse=m, flops=f)
+               for m, f in ((0.1, 1e8), (0.01, 1e9))]
+    captured = {}
+    original = report_module._finish
+
+    def keep_labels(fig, ax, path):
+        captured["labels"] = ax.get_legend_handles_labels()[1]
+        captured["styles"] = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in ax.get_lines()
+                              if len(line.get_xdata())}
+        original(fig, ax, path)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(report_module, "_finish", keep_labels):
+        plot_error_vs_cost(points, "ddpm", "flops", tmp_path / "many.png", threshold=0.05)
+    assert captured["labels"] == ["EM top network", "ML-EM inverse-cost", "ML-EM learned", "T-Stitch",
+                                  "(dashed: stratified coins)", "1000 steps", "250 steps", "50 steps", "10 steps",
+                                  "threshold 0.05"]
+    assert len(captured["styles"]) == 1 + 4 * 4 + 4 + 1  # every curve in a style of its own, and the threshold
+    assert (tmp_path / "many.png").read_bytes()[:8] == PNG

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -50,17 +51,26 @@ def _finish(fig, ax, path: PathLike) -> None:
 def plot_error_vs_cost(points: Sequence[Mapping], sampler: str, cost_key: str, path: PathLike,
                        threshold: Optional[float] = None, title: Optional[str] = None) -> None:
     """Log–log MSE against ``cost_key`` for ``sampler``'s points: one line per curve (EM solid with circles,
-    ML-EM solid with other markers, T-Stitch dashed), the threshold dotted."""
+    ML-EM solid with other markers, T-Stitch dashed), the threshold dotted. With more than
+    ``_MAX_LABELLED_CURVES`` curves the styles say what a curve is (``_CurveStyles``)."""
     fig, ax = _figure()
     mine = [p for p in points if p["sampler"] == sampler and p["family"] != "reference"
             and _positive(p.get(cost_key)) and _positive(p.get("mse"))]
+    names = _unique(p["curve"] for p in mine)
+    styles = _CurveStyles(names) if len(names) > _MAX_LABELLED_CURVES else None
     markers = itertools.cycle(_MARKERS)
-    for name in _unique(p["curve"] for p in mine):
+    for name in names:
         curve = sorted((p for p in mine if p["curve"] == name), key=lambda p: float(p[cost_key]))
         family = curve[0]["family"]
-        marker = "o" if family == "em" else next(markers)
-        ax.plot([float(p[cost_key]) for p in curve], [float(p["mse"]) for p in curve], label=name, marker=marker,
-                markersize=4, linewidth=1.2, linestyle="--" if family == "tstitch" else "-")
+        if styles is not None:
+            style = styles.of(name, family)
+        else:
+            style = dict(label=name, marker="o" if family == "em" else next(markers),
+                         linestyle="--" if family == "tstitch" else "-")
+        ax.plot([float(p[cost_key]) for p in curve], [float(p["mse"]) for p in curve], markersize=4,
+                linewidth=1.2, **style)
+    if styles is not None:
+        styles.legend_entries(ax)
     if threshold is not None and _positive(threshold):
         ax.axhline(float(threshold), color="k", linestyle=":", linewidth=1, label=f"threshold {threshold:.3g}")
     ax.set_xscale("log")
@@ -69,6 +79,44 @@ def plot_error_vs_cost(points: Sequence[Mapping], sampler: str, cost_key: str, p
     ax.set_ylabel("MSE to reference")
     ax.set_title(title or f"{sampler.upper()}: MSE to reference vs {COST_LABELS.get(cost_key, cost_key)}")
     _finish(fig, ax, path)
+
+
+_MAX_LABELLED_CURVES = 12
+_CURVE_NAME = re.compile(r"^(ML-EM (?P<strategy>.+?)(?P<stratified> stratified)?|T-Stitch) (?P<steps>\d+)$")
+
+
+class _CurveStyles:
+    """Styles that let many curves share a short legend: colour = method (each EM network, each ML-EM strategy,
+    T-Stitch), line = coins (solid independent, dashed stratified, dotted T-Stitch), marker = ML-EM's or
+    T-Stitch's step grid (EM: circles, its own points are its step counts)."""
+
+    def __init__(self, names: Sequence[str]):
+        parsed = [_CURVE_NAME.match(n) for n in names]
+        methods = _unique(n if m is None else (m["strategy"] or "T-Stitch") for n, m in zip(names, parsed))
+        grids = sorted({int(m["steps"]) for m in parsed if m is not None}, reverse=True)
+        colours = [f"C{i % 10}" for i in range(len(methods))]
+        self.colour = dict(zip(methods, colours))
+        self.marker = {g: _MARKERS[i % len(_MARKERS)] for i, g in enumerate(grids)}
+        self.stratified = any(m is not None and m["stratified"] for m in parsed)
+        self.em = [n for n, m in zip(names, parsed) if m is None]
+
+    def of(self, name: str, family: str) -> dict:
+        m = _CURVE_NAME.match(name)
+        if m is None:  # an EM curve: its own legend entry
+            return dict(label=name, color=self.colour[name], marker="o")
+        method = m["strategy"] or "T-Stitch"
+        line = ":" if family == "tstitch" else ("--" if m["stratified"] else "-")
+        return dict(color=self.colour[method], marker=self.marker[int(m["steps"])], linestyle=line)
+
+    def legend_entries(self, ax) -> None:
+        """Invisible lines whose labels explain the colours, line styles and markers."""
+        for method, colour in self.colour.items():
+            if method not in self.em:
+                ax.plot([], [], color=colour, label=method if method == "T-Stitch" else f"ML-EM {method}")
+        if self.stratified:
+            ax.plot([], [], color="gray", linestyle="--", label="(dashed: stratified coins)")
+        for grid, marker in self.marker.items():
+            ax.plot([], [], color="gray", marker=marker, linestyle="none", label=f"{grid} steps")
 
 
 def plot_speedup(summary: Mapping, sampler: str, cost_key: str, path: PathLike) -> None:
