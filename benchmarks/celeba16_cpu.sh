@@ -37,7 +37,7 @@ echo "done: $OUT/ddpm/report.md $OUT/ddim/report.md"
 
 # 3. the distillation lever: cpu-xs and cpu-m distilled from the top network (cpu-xl, level_4) with the same
 #    budget (3000 steps), then ML-EM on (xs distilled, m distilled, xl) for DDPM, every strategy also with
-#    stratified coins, and on respaced 100- and 50-step grids too (the top network's EM frontier lies there)
+#    stratified coins, and on respaced grids down to 10 steps (the top network's EM frontier lies there)
 if [ "${DISTILLED:-1}" = 1 ]; then
   for spec in "cpu-xs level_0" "cpu-m level_2"; do
     set -- $spec
@@ -49,7 +49,7 @@ if [ "${DISTILLED:-1}" = 1 ]; then
   "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-distill/level_0" "$WORK/celeba16-distill/level_2" \
     "$WORK/celeba16/level_4" --out "$OUT/ddpm-distilled" --samplers ddpm \
     --title "CelebA 16x16, cpu-xs and cpu-m distilled from cpu-xl, DDPM (CPU)" "${ARGS[@]}" \
-    --mlem-steps 1000,250,100,50 --stratified inverse-cost,theory,learned --tstitch-steps 1000,250,100 \
+    --mlem-steps 1000,250,100,50,25,10 --stratified inverse-cost,theory,learned --tstitch-steps 1000,250,100,50,25 \
     > "$OUT/ddpm-distilled.log" 2>&1
   echo "done: $OUT/ddpm-distilled/report.md"
 fi
