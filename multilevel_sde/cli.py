@@ -42,8 +42,8 @@ def _experiment(args: argparse.Namespace) -> int:
         heldout=args.heldout, select=args.select, batch=args.batch, samplers=tuple(args.samplers.split(",")),
         em_steps=_ints(args.em_steps), reference_steps=args.reference_steps,
         mlem_networks=_ints(args.mlem_networks) if args.mlem_networks else None, mlem_steps=_ints(args.mlem_steps),
-        p_top=_floats(args.p_top), strategies=tuple(args.strategies.split(",")), stratified=tuple(filter(None, args.stratified.split(","))),
-        coupling=args.coupling, learn_steps=args.learn_steps, learn_batch=args.learn_batch,
+        p_top=_floats(args.p_top), strategies=tuple(args.strategies.split(",")),
+        stratified=tuple(filter(None, args.stratified.split(","))), coupling=args.coupling, learn_steps=args.learn_steps, learn_batch=args.learn_batch,
         learn_grid=args.learn_grid, deltas=_floats(args.deltas), tstitch_fractions=_floats(args.tstitch_fractions),
         tstitch_steps=_ints(args.tstitch_steps), threshold=thresholds or None, seed=args.seed)
     results = run_experiment(models, shape, args.out, config, names=names, device=args.device,

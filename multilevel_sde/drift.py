@@ -503,7 +503,7 @@ class MultilevelDrift(nn.Module):
     def _combine_batch_floats(self, t, y, coins: list, plan: "_StepPlan"):
         """``sum_m c_m f^m`` with one coin per level; which levels run and their float coefficients depend only
         on the coins, so they are worked out once per coin pattern of a plan (``_batch_recipe``)."""
-        key = tuple(coins)
+        key = (*coins, self.base is None)  # a base set after the plan was cached gets recipes of its own
         recipe = plan.recipes.get(key)
         if recipe is None:
             recipe = plan.recipes[key] = self._batch_recipe(coins, plan)
@@ -657,7 +657,7 @@ class _StepPlan:
     p_numpy: np.ndarray = None  # float64 (k, 1) or (k, batch)
     keep_numpy: np.ndarray = None  # bool, ~cancel, shaped like p_numpy
     uncertain: tuple = ()  # levels whose coin is not certain (p < 1 for some sample)
-    recipes: dict = field(default_factory=dict)  # coin pattern -> _BatchRecipe (coupling="batch")
+    recipes: dict = field(default_factory=dict)  # (*coins, no base) -> _BatchRecipe (coupling="batch")
 
 
 @dataclass

@@ -88,20 +88,23 @@ def test_batch_recipes_give_the_differentiable_estimate_for_every_coin_pattern(w
     levels, _, _ = affine_ladder(4, D, 2)
     base = (lambda t, y: 0.5 * y) if with_base else None
     patterns = torch.tensor([[(i >> j) & 1 for j in range(4)] for i in range(16)], dtype=torch.bool)
-    pattern = torch.cat([patterns, patterns])  # the second pass reuses the cached recipes
+    pattern = torch.cat([patterns] * 3)  # later passes reuse the cached recipes
     attached = mlsde.Sigmoid(a=torch.tensor([0.5, -0.3, -1.0, 0.2], dtype=DTYPE), floor=0.05)
     t = torch.tensor(0.4, dtype=DTYPE)
     fixed = mlsde.Constant(attached(t, 0.1, None).detach())
     host = mlsde.MultilevelDrift(levels, fixed, costs=[1, 2, 4, 8], base=base, coins=mlsde.Replay(pattern))
     graph = mlsde.MultilevelDrift(levels, attached, costs=[1, 2, 4, 8], base=base, coins=mlsde.Replay(pattern))
     x = torch.randn(5, D, dtype=DTYPE)
-    for n in range(len(pattern)):
+    for n in range(32):
         fast, slow = host.sample(t, x, 0.1), graph.sample(t, x, 0.1)
         assert not fast.requires_grad and slow.requires_grad
         torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-12)
     assert host.stats.evaluations == graph.stats.evaluations
     (plan,) = host._plan_cache.values()
     assert len(plan.recipes) == (16 if with_base else 15)  # no coin and no base: 0, with no recipe
+    host.base, graph.base = (None, None) if with_base else ((lambda t, y: 0.5 * y),) * 2  # changed after caching
+    for n in range(16):
+        torch.testing.assert_close(host.sample(t, x, 0.1), graph.sample(t, x, 0.1).detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_step_plans_follow_changes_of_the_schedule():
