@@ -4,7 +4,8 @@
 # Results and figures go to benchmarks/results/celeba16-cpu/{ddpm,ddim}; checkpoints stay in $WORK.
 #
 #   CELEBA=/path/to/img_align_celeba_parent bash benchmarks/celeba16_cpu.sh     # about 1.5 h on 2 cores
-#   (plus the distillation lever, step 3: ~20 min of training and the DDPM experiment; DISTILLED=0 skips it)
+#   (plus the distillation levers, steps 3-5: ~1.5 h of training and three DDPM experiments; DISTILLED=0 skips
+#   them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,4 +53,30 @@ if [ "${DISTILLED:-1}" = 1 ]; then
     --mlem-steps 1000,250,100,50,25,10 --stratified inverse-cost,theory,learned --tstitch-steps 1000,250,100,50,25 \
     > "$OUT/ddpm-distilled.log" 2>&1
   echo "done: $OUT/ddpm-distilled/report.md"
+
+  # 4. the schedule learned on the 25-step grid it is used on (same ladder; neutral)
+  "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-distill/level_0" "$WORK/celeba16-distill/level_2" \
+    "$WORK/celeba16/level_4" --out "$OUT/ddpm-distilled-learn25" --samplers ddpm \
+    --title "CelebA 16x16, distilled ladder, schedule learned on the 25-step grid, DDPM (CPU)" --heldout 64 \
+    --select 32 --batch 64 --em-steps 10,25,50,100,250,500,1000 --mlem-steps 50,25,10 --strategies learned \
+    --stratified learned --learn-steps 12 --learn-batch 32 --learn-grid 25 --deltas=-2,-1,0,1,2 \
+    --tstitch-fractions 0.2,0.4,0.6,0.8 --tstitch-steps 25 --no-progress > "$OUT/ddpm-distilled-learn25.log" 2>&1
+
+  # 5. longer distillation: the same students trained on to 12000 steps (resumed from step 3), same experiment
+  #    on the grids that paid
+  for spec in "cpu-xs level_0" "cpu-m level_2"; do
+    set -- $spec
+    mkdir -p "$WORK/celeba16-distill12k"
+    [ -d "$WORK/celeba16-distill12k/$2" ] || cp -r "$WORK/celeba16-distill/$2" "$WORK/celeba16-distill12k/$2"
+    OMP_NUM_THREADS=1 "$PY" -m multilevel_sde.cli train --preset "$1" --data "celeba:$CELEBA" --image-size 16 \
+      --steps 12000 --batch-size 64 --lr 5e-4 --warmup 100 --eval-every 3000 --checkpoint-every 1000 \
+      --distill-from "$WORK/celeba16/level_4/checkpoint.pt" --out "$WORK/celeba16-distill12k/$2" --no-progress \
+      > "$WORK/celeba16-distill12k-$2.json"
+  done
+  "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-distill12k/level_0" "$WORK/celeba16-distill12k/level_2" \
+    "$WORK/celeba16/level_4" --out "$OUT/ddpm-distilled-12k" --samplers ddpm \
+    --title "CelebA 16x16, cpu-xs and cpu-m distilled from cpu-xl for 12000 steps, DDPM (CPU)" "${ARGS[@]}" \
+    --mlem-steps 100,50,25,10 --stratified inverse-cost,theory,learned --tstitch-steps 100,50,25 \
+    > "$OUT/ddpm-distilled-12k.log" 2>&1
+  echo "done: $OUT/ddpm-distilled-12k/report.md"
 fi
