@@ -62,8 +62,8 @@ if [ "${DISTILLED:-1}" = 1 ]; then
     --stratified learned --learn-steps 12 --learn-batch 32 --learn-grid 25 --deltas=-2,-1,0,1,2 \
     --tstitch-fractions 0.2,0.4,0.6,0.8 --tstitch-steps 25 --no-progress > "$OUT/ddpm-distilled-learn25.log" 2>&1
 
-  # 5. longer distillation: the same students trained on to 12000 steps (resumed from step 3), same experiment
-  #    on the grids that paid
+  # 5. longer distillation: step 3's students trained on to 12000 steps (resumed from their checkpoints), then
+  #    the experiment on the grids that paid
   for spec in "cpu-xs level_0" "cpu-m level_2"; do
     set -- $spec
     mkdir -p "$WORK/celeba16-distill12k"
