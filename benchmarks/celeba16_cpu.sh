@@ -53,6 +53,11 @@ if [ "${DISTILLED:-1}" = 1 ]; then
     --mlem-steps 1000,250,100,50,25,10 --stratified inverse-cost,theory,learned --tstitch-steps 1000,250,100,50,25 \
     > "$OUT/ddpm-distilled.log" 2>&1
   echo "done: $OUT/ddpm-distilled/report.md"
+  "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-distill/level_0" "$WORK/celeba16-distill/level_2" \
+    "$WORK/celeba16/level_4" --out "$OUT/ddim-distilled" --samplers ddim \
+    --title "CelebA 16x16, cpu-xs and cpu-m distilled from cpu-xl, DDIM (CPU)" "${ARGS[@]}" \
+    --mlem-steps 100,50,25,10 --stratified inverse-cost,theory,learned --tstitch-steps 100,50,25 \
+    > "$OUT/ddim-distilled.log" 2>&1
 
   # 4. the schedule learned on the 25-step grid it is used on (same ladder; neutral)
   "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-distill/level_0" "$WORK/celeba16-distill/level_2" \
