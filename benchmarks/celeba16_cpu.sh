@@ -40,13 +40,13 @@ echo "done: $OUT/ddpm/report.md $OUT/ddim/report.md"
 #    budget (3000 steps), then ML-EM on (xs distilled, m distilled, xl) for DDPM, every strategy also with
 #    stratified coins, and on respaced grids down to 10 steps (the top network's EM frontier lies there)
 if [ "${DISTILLED:-1}" = 1 ]; then
-  for spec in "cpu-xs level_0" "cpu-m level_2"; do
-    set -- $spec
+  distill() {  # distill PRESET LEVEL FOLDER STEPS EVAL_EVERY CHECKPOINT_EVERY: train (or resume) FOLDER/LEVEL
     OMP_NUM_THREADS=1 "$PY" -m multilevel_sde.cli train --preset "$1" --data "celeba:$CELEBA" --image-size 16 \
-      --steps 3000 --batch-size 64 --lr 5e-4 --warmup 100 --eval-every 1000 --checkpoint-every 500 \
-      --distill-from "$WORK/celeba16/level_4/checkpoint.pt" --out "$WORK/celeba16-distill/$2" --no-progress \
-      > "$WORK/celeba16-distill-$2.json"
-  done
+      --steps "$4" --batch-size 64 --lr 5e-4 --warmup 100 --eval-every "$5" --checkpoint-every "$6" \
+      --distill-from "$WORK/celeba16/level_4/checkpoint.pt" --out "$3/$2" --no-progress > "$3-$2.json"
+  }
+  distill cpu-xs level_0 "$WORK/celeba16-distill" 3000 1000 500
+  distill cpu-m level_2 "$WORK/celeba16-distill" 3000 1000 500
   "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-distill/level_0" "$WORK/celeba16-distill/level_2" \
     "$WORK/celeba16/level_4" --out "$OUT/ddpm-distilled" --samplers ddpm \
     --title "CelebA 16x16, cpu-xs and cpu-m distilled from cpu-xl, DDPM (CPU)" "${ARGS[@]}" \
@@ -69,14 +69,11 @@ if [ "${DISTILLED:-1}" = 1 ]; then
 
   # 5. longer distillation: step 3's students trained on to 12000 steps (resumed from their checkpoints), then
   #    the experiment on the grids that paid
+  mkdir -p "$WORK/celeba16-distill12k"
   for spec in "cpu-xs level_0" "cpu-m level_2"; do
     set -- $spec
-    mkdir -p "$WORK/celeba16-distill12k"
     [ -d "$WORK/celeba16-distill12k/$2" ] || cp -r "$WORK/celeba16-distill/$2" "$WORK/celeba16-distill12k/$2"
-    OMP_NUM_THREADS=1 "$PY" -m multilevel_sde.cli train --preset "$1" --data "celeba:$CELEBA" --image-size 16 \
-      --steps 12000 --batch-size 64 --lr 5e-4 --warmup 100 --eval-every 3000 --checkpoint-every 1000 \
-      --distill-from "$WORK/celeba16/level_4/checkpoint.pt" --out "$WORK/celeba16-distill12k/$2" --no-progress \
-      > "$WORK/celeba16-distill12k-$2.json"
+    distill "$1" "$2" "$WORK/celeba16-distill12k" 12000 3000 1000
   done
   "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-distill12k/level_0" "$WORK/celeba16-distill12k/level_2" \
     "$WORK/celeba16/level_4" --out "$OUT/ddpm-distilled-12k" --samplers ddpm \
