@@ -414,7 +414,9 @@ class MinimalMLDrift:
             before = time.perf_counter()
             f = self.levels[m](t, x)
             self.level_s += time.perf_counter() - before
-            if rows is not None:  # the full-batch terms come first, so ``out`` is ours by now
+            if rows is not None:  # the full-batch terms come first: ``out`` exists, and becomes ours here
+                if not owned:
+                    out, owned = out.clone(), True
                 out.index_add_(0, rows, f * c)
             elif out is None:
                 out, owned = (f, False) if isinstance(c, float) and c == 1.0 else (f * c, True)

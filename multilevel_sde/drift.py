@@ -519,7 +519,7 @@ class MultilevelDrift(nn.Module):
 
     def _batch_recipe(self, coins: list, plan: "_StepPlan") -> "_BatchRecipe":
         """The levels one coin pattern evaluates (``m`` from 0, top first) and the terms ``(j, c_j)`` of its sum
-        (``j`` = 0 for the base), ordered as ``_linear_combination`` would add them."""
+        (``j`` = 0 for the base), a term with coefficient 1 first (``_start_with_unit``)."""
         k = self.num_levels
         weights = [1.0 / p if c else 0.0 for c, p in zip(coins, plan.p_list)] + [0.0]
         evaluate = [m for m in range(k - 1, -1, -1)
@@ -687,22 +687,17 @@ def _accumulate(out: Optional[torch.Tensor], owned: bool, f: torch.Tensor, coeff
     return torch.add(out, f, alpha=coefficient), True
 
 
-def _linear_combination(terms: list) -> torch.Tensor:
-    """``sum c * f`` over ``terms = [(f, c), ...]`` (``c`` floats): it starts from a term whose ``c`` is 1 when
-    there is one (no multiply; ``f`` itself for a single such term), then adds each other term with one fused
-    ``add(f, alpha=c)``, in place on the sum once it is a tensor of our own, never on a level's output."""
-    return _combine_ordered(_start_with_unit(terms))
-
-
 def _start_with_unit(terms: list) -> list:
     """``terms`` (pairs whose second entry is a float coefficient) with the first one whose coefficient is 1
-    moved to the front."""
+    moved to the front, so that ``_combine_ordered`` starts the sum without a multiply."""
     start = next((i for i, (_, c) in enumerate(terms) if c == 1.0), 0)
     return [terms[start], *terms[:start], *terms[start + 1:]]
 
 
 def _combine_ordered(terms: list) -> torch.Tensor:
-    """``sum c * f`` over ``terms = [(f, c), ...]``, accumulated in the given order (``_linear_combination``)."""
+    """``sum c * f`` over ``terms = [(f, c), ...]`` (``c`` floats), accumulated in the given order: the first
+    term as it is when its ``c`` is 1 (``f`` itself for a single such term), each other one with one fused
+    ``add(f, alpha=c)``, in place on the sum once it is a tensor of our own, never on a level's output."""
     out, owned = None, False
     for f, c in terms:
         out, owned = _accumulate(out, owned, f, c)

@@ -161,11 +161,11 @@ def test_per_sample_times_with_a_new_batch_size_get_their_own_plan():
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(coefficients=st.lists(st.sampled_from([1.0, -1.0, 2.0, 0.0, 0.5, 8.0]), min_size=1, max_size=5))
 def test_linear_combination_is_the_sum_and_leaves_the_levels_outputs_alone(coefficients):
-    from multilevel_sde.drift import _linear_combination
+    from multilevel_sde.drift import _combine_ordered, _start_with_unit
 
     gen = torch.Generator().manual_seed(len(coefficients))
     outputs = [torch.randn(4, D, generator=gen, dtype=DTYPE) for _ in coefficients]
     before = [f.clone() for f in outputs]
-    total = _linear_combination(list(zip(outputs, coefficients)))
+    total = _combine_ordered(_start_with_unit(list(zip(outputs, coefficients))))
     torch.testing.assert_close(total, sum(c * f for f, c in zip(outputs, coefficients)), rtol=1e-14, atol=1e-14)
     assert all(torch.equal(f, b) for f, b in zip(outputs, before))
