@@ -2,7 +2,9 @@
 
 Increments are drawn lazily in chunks of steps; chunk ``j`` comes from its own generator seeded by
 ``derive_seed(seed, j)`` (counter-based), so any part of the path is reproducible on demand, memory stays
-bounded, and two solvers that query the same object see the same path. ``bm(ta, tb)`` follows torchsde's
+bounded, and two solvers that query the same object see the same path. With ``cache="all"`` every chunk
+stays in memory once drawn (``predraw()`` draws them all at once), so repeated solves on one path draw
+nothing. ``bm(ta, tb)`` follows torchsde's
 Brownian protocol (``W(tb) - W(ta)``, grid points only), so ``torchsde.sdeint`` accepts it.
 """
 
@@ -15,9 +17,10 @@ import torch
 
 from ._random import check_seed, derive_seed, fresh_seed, make_generator
 
-__all__ = ["GridBrownian"]
+__all__ = ["GridBrownian", "CACHE_MODES"]
 
 _CHUNK_ELEMENTS = 1 << 24  # increments drawn per chunk, in scalars (64 MiB at float32)
+CACHE_MODES = ("chunk", "all")
 
 
 class GridBrownian:
@@ -28,6 +31,9 @@ class GridBrownian:
         size: ``(batch, noise_channels)``.
         seed: seed of the path (None: fresh entropy; the value is kept in ``.seed``).
         dtype, device: of the increments.
+        cache: ``"chunk"`` keeps one chunk (at most 2^24 increments) in memory and redraws the others,
+            identically, when they are queried again; ``"all"`` keeps every chunk it has drawn
+            (``steps x batch x channels`` numbers in all).
         t0, t1, dt: a uniform grid built with torchsde's accumulation ``t <- min(t + dt, t1)``.
 
     ``increment(i)`` is the increment over ``[t_i, t_{i+1}]``, shape ``size``; ``bm(ta, tb)`` sums the
@@ -43,6 +49,7 @@ class GridBrownian:
         seed: Optional[int] = None,
         dtype: torch.dtype = torch.float32,
         device: Union[str, torch.device] = "cpu",
+        cache: str = "chunk",
         *,
         t0: Optional[float] = None,
         t1: Optional[float] = None,
@@ -65,13 +72,15 @@ class GridBrownian:
         self._size = torch.Size(size)
         self._dtype = dtype
         self._device = torch.device(device)
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        self.cache = cache
         seed = check_seed(seed)
         self.seed = fresh_seed() if seed is None else seed
         self._spacing = np.diff(self.times)
         self._sqrt_dt = torch.as_tensor(np.sqrt(self._spacing), dtype=torch.float64)
         self.chunk_steps = max(1, _CHUNK_ELEMENTS // self._size.numel())
-        self._chunk_index = -1
-        self._chunk: Optional[torch.Tensor] = None
+        self._chunks: dict[int, torch.Tensor] = {}  # chunk index -> increments (one entry with cache="chunk")
 
     # -- torchsde's Brownian attributes -------------------------------------------------------------
     @property
@@ -92,15 +101,26 @@ class GridBrownian:
 
     # -- increments ---------------------------------------------------------------------------------
     def _load_chunk(self, j: int) -> torch.Tensor:
-        if j != self._chunk_index:
+        chunk = self._chunks.get(j)
+        if chunk is None:
             start = j * self.chunk_steps
             stop = min(start + self.chunk_steps, self.num_steps)
             gen = make_generator(derive_seed(self.seed, j), self._device)
             noise = torch.randn((stop - start, *self._size), generator=gen, dtype=self._dtype, device=self._device)
             scale = self._sqrt_dt[start:stop].to(self._dtype).to(self._device)
-            self._chunk = noise.mul_(scale.reshape(-1, 1, 1))  # in place: one 64 MiB buffer, not two
-            self._chunk_index = j
-        return self._chunk
+            if self.cache == "chunk":
+                self._chunks.clear()  # before the new chunk is scaled: one 64 MiB buffer at a time
+            chunk = self._chunks[j] = noise.mul_(scale.reshape(-1, 1, 1))  # in place: one buffer, not two
+        return chunk
+
+    def predraw(self) -> "GridBrownian":
+        """Draws every increment now (``cache="all"`` only), so that no later query draws; returns ``self``."""
+        if self.cache != "all":
+            raise ValueError(f"predraw() keeps the whole path in memory: build the GridBrownian with cache='all' "
+                             f"(it has cache={self.cache!r})")
+        for j in range(-(-self.num_steps // self.chunk_steps)):
+            self._load_chunk(j)
+        return self
 
     def increment(self, i: int) -> torch.Tensor:
         """``W(t_{i+1}) - W(t_i)``, shape ``(batch, noise_channels)``."""
@@ -149,5 +169,5 @@ class GridBrownian:
     def __repr__(self) -> str:
         return (
             f"GridBrownian(steps={self.num_steps}, t=[{self.times[0]}, {self.times[-1]}], size={tuple(self._size)}, "
-            f"seed={self.seed}, dtype={self._dtype}, device={self._device})"
+            f"seed={self.seed}, dtype={self._dtype}, device={self._device}, cache={self.cache!r})"
         )

@@ -535,6 +535,13 @@ def test_grid_brownian_bad_uniform_grid():
         mlsde.GridBrownian(size=(1, 1), t0=0.0, t1=1.0)
 
 
+def test_grid_brownian_bad_cache():
+    with pytest.raises(ValueError, match=r"cache must be one of \('chunk', 'all'\), got 'everything'"):
+        mlsde.GridBrownian(GRID, size=(1, 1), cache="everything")
+    with pytest.raises(ValueError, match=r"build the GridBrownian with cache='all' \(it has cache='chunk'\)"):
+        mlsde.GridBrownian(GRID, size=(1, 1)).predraw()
+
+
 # -- nothing half-done --------------------------------------------------------------------------------
 class _Counted:
     """A level that counts the samples it returned and raises on its ``fail_on``-th call while armed."""

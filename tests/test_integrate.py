@@ -59,6 +59,44 @@ def test_sdeint_matches_torchsde_in_float32():
     assert torch.equal(mlsde.sdeint(sde, y0, ts, bm=bm, dt=0.013), torchsde.sdeint(sde, y0, ts, bm=bm, method="euler", dt=0.013))
 
 
+class StoredDriftSDE(torch.nn.Module):
+    """Drift and diffusion returned from stored tensors: the solver must never write into them."""
+
+    sde_type, noise_type = "ito", "diagonal"
+
+    def __init__(self, drift: torch.Tensor, diffusion: torch.Tensor):
+        super().__init__()
+        self.drift, self.diffusion = drift, diffusion
+
+    def f(self, t, y):
+        return self.drift
+
+    def g(self, t, y):
+        return self.diffusion
+
+
+@pytest.mark.parametrize("drift_shape,drift_dtype", [((4, D), DTYPE), ((D,), DTYPE), ((4, D), torch.float32)])
+def test_sdeint_leaves_returned_tensors_alone_and_promotes_like_out_of_place_sums(drift_shape, drift_dtype):
+    """The step sums in place on its own product f*h only when that changes nothing: a drift of another
+    shape (broadcast) or dtype (promotion) gets the out-of-place result, and stored outputs stay."""
+    gen = torch.Generator().manual_seed(4)
+    drift = torch.randn(drift_shape, generator=gen, dtype=DTYPE).to(drift_dtype)
+    diffusion = torch.rand(4, D, generator=gen, dtype=DTYPE)
+    kept_drift, kept_diffusion = drift.clone(), diffusion.clone()
+    sde = StoredDriftSDE(drift, diffusion)
+    y0 = torch.randn(4, D, generator=gen, dtype=DTYPE)
+    ts = torch.tensor([0.0, 0.25, 1.0], dtype=DTYPE)  # on the grid of dt = 1/8: steps 2 and 8
+    bm = mlsde.GridBrownian(t0=0.0, t1=1.0, dt=0.125, size=(4, D), seed=3, dtype=DTYPE)
+    ours = mlsde.sdeint(sde, y0, ts, bm=bm, dt=0.125)
+    y, states = y0, [y0]
+    for n in range(bm.num_steps):  # torchsde's Euler step, out of place ((batch, d) drifts only there)
+        y = (y + drift * 0.125) + diffusion * bm.increment(n)
+        states.append(y)
+    assert ours.dtype == DTYPE
+    assert torch.equal(ours, torch.stack([states[0], states[2], states[8]]))
+    assert torch.equal(drift, kept_drift) and torch.equal(diffusion, kept_diffusion)
+
+
 def test_torchsde_runs_a_multilevel_sde():
     """torchsde.sdeint(method="euler") drives ML-EM; with every p = 1 it is EM with the top level."""
     levels, _, _ = affine_ladder(3, D, 0)
@@ -178,9 +216,29 @@ def test_grid_brownian_statistics_and_sharing():
     assert not torch.equal(other(0.0, 1.0), W1)
     # chunked generation: small chunks give the same increments on repeated random access
     bm.chunk_steps = 7
-    bm._chunk_index = -1
+    bm._chunks.clear()
     first = [bm.increment(i).clone() for i in (50, 3, 50, 99)]
     assert torch.equal(first[0], first[2])
+
+
+def test_grid_brownian_cache_all_keeps_the_same_path_in_memory():
+    """cache="all" gives the increments of the default one-chunk cache, keeps every chunk once drawn, and
+    after predraw() serves every query from memory (views of the kept chunks)."""
+    def small_chunks(cache):
+        bm = mlsde.GridBrownian(t0=0.0, t1=1.0, dt=0.01, size=(3, 2), seed=4, dtype=DTYPE, cache=cache)
+        bm.chunk_steps = 7
+        return bm
+
+    one = small_chunks("chunk")
+    kept = small_chunks("all").predraw()
+    assert len(kept._chunks) == 15 and len(one._chunks) == 0  # ceil(100 / 7) chunks, drawn up front
+    for i in (99, 0, 50, 6, 7, 50):
+        assert torch.equal(kept.increment(i), one.increment(i))
+        assert len(one._chunks) == 1
+    pointer = kept.increment(50).data_ptr()
+    assert torch.equal(kept(0.0, 1.0), one(0.0, 1.0))
+    assert kept.increment(50).data_ptr() == pointer and len(kept._chunks) == 15  # nothing redrawn
+    assert "cache='all'" in repr(kept)
 
 
 def test_sdeint_default_noise_is_seeded():

@@ -60,9 +60,7 @@ def integrate_em(
     bar = tqdm(total=len(steps), disable=not progress, desc="ML-EM", leave=False)
     for n, h in enumerate(steps):
         t = times[n]
-        y_next = y + drift(t, y, h) * h  # the order of torchsde's Euler: (y + f dt) + g dW
-        if noise is not None:
-            y_next = y_next + noise(n, t, y)
+        y_next = _euler_update(y, drift(t, y, h), h, None if noise is None else noise(n, t, y))
         if callback is not None:
             callback(n, times[n + 1], y_next)
         emit(n + 1, y, y_next)
@@ -70,3 +68,20 @@ def integrate_em(
         bar.update(1)
     bar.close()
     return torch.stack(outputs, dim=0)
+
+
+def _euler_update(y: torch.Tensor, f: torch.Tensor, h: float, g_dw: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(y + f h) + g dW``, rounded exactly as torchsde's Euler step, in one new tensor: the sum is built in
+    place on the fresh product ``f h`` (addition commutes exactly), which spares two state-sized temporaries
+    per step. Falls back to out-of-place sums when broadcasting or type promotion would change the result."""
+    out = f * h
+    if out.shape == y.shape and out.dtype == y.dtype:
+        out += y
+    else:
+        out = y + out
+    if g_dw is None:
+        return out
+    if g_dw.dtype == out.dtype and torch.broadcast_shapes(g_dw.shape, out.shape) == out.shape:
+        out += g_dw
+        return out
+    return out + g_dw
