@@ -32,6 +32,7 @@ class UniformStream:
 
     def reset(self) -> None:
         self._buffer: Optional[torch.Tensor] = None
+        self._array: Optional[np.ndarray] = None  # the buffer's memory seen by numpy (slicing it is cheaper)
         self._floats: Optional[list] = None
         self._pos = 0
 
@@ -41,7 +42,7 @@ class UniformStream:
             return
         fresh = torch.rand(max(self.block, n - left), generator=self.generator, dtype=torch.float64)
         self._buffer = fresh if left == 0 else torch.cat([self._buffer[self._pos:], fresh])
-        self._floats, self._pos = None, 0
+        self._array, self._floats, self._pos = self._buffer.numpy(), None, 0
 
     def tensor(self, n: int) -> torch.Tensor:
         """The next ``n`` uniforms, a float64 CPU tensor ``(n,)`` (a view of the buffer: do not modify)."""
@@ -52,7 +53,10 @@ class UniformStream:
 
     def numpy(self, n: int) -> np.ndarray:
         """The next ``n`` uniforms as a float64 numpy array (a view of the buffer: do not modify)."""
-        return self.tensor(n).numpy()
+        self._ensure(n)
+        out = self._array[self._pos:self._pos + n]
+        self._pos += n
+        return out
 
     def floats(self, n: int) -> list:
         """The next ``n`` uniforms as Python floats."""
