@@ -37,7 +37,11 @@ everything is warmed up first, and medians over the repetitions are reported. Th
 before each run the script waits (briefly) for other processes to go quiet, records their CPU load during
 the run (from /proc/stat), and takes the medians over the undisturbed runs when there are >= 3 of them
 (adding repetitions up to --max-repeats); the JSON keeps every raw time with its load. Everything runs
-under ``torch.no_grad()``; the JSON records torch/torchsde versions, threads, date and the library's git
+under ``torch.no_grad()``. glibc's malloc hands freed blocks above its thresholds back to the kernel, so a
+solve that allocates a few 1 MB state-sized tensors a step (part a) page-faults ~300 times a step, and how
+often depends on the heap's history: that, not the solvers, dominated part (a)'s times and their spread.
+The script therefore raises glibc's trim and mmap thresholds for its whole process (the same for every
+variant; ``--no-malloc-tuning`` keeps glibc's defaults); the JSON records torch/torchsde versions, threads, date and the library's git
 commit and source hash. Usage::
 
     python benchmarks/overhead.py --quick      # reduced sizes, < 1 minute
@@ -113,6 +117,34 @@ def library_state() -> dict:
             "sources_sha256": digest.hexdigest()}
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_MALLOC_THRESHOLD = 1 << 30
+
+
+def tune_malloc(enabled: bool) -> dict:
+    """Keeps freed memory in the process (glibc ``mallopt``), so that state-sized temporaries reuse pages
+    instead of page-faulting fresh ones each step. Returns what was done, for the JSON."""
+    if not enabled:
+        return {"tuned": False}
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = [bool(libc.mallopt(param, _MALLOC_THRESHOLD)) for param in (_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD)]
+    except (OSError, AttributeError) as err:  # not glibc
+        return {"tuned": False, "reason": str(err)}
+    return {"tuned": all(ok), "M_TRIM_THRESHOLD": _MALLOC_THRESHOLD, "M_MMAP_THRESHOLD": _MALLOC_THRESHOLD}
+
+
+def minor_faults() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except ImportError:  # pragma: no cover - not POSIX
+        return -1
+
+
 def loadavg():
     try:
         return list(os.getloadavg())
@@ -164,7 +196,7 @@ def run_interleaved(variants: dict, repeats: int, gate: QuietGate, log=print, ma
     ``repeats`` repetitions, goes on (up to ``max_repeats`` in all) while a variant has fewer than 3
     undisturbed runs. Returns {name: [record, ...]}, a record being {"s": seconds, "extra": what the
     variant returned beside its time, "foreign_cores": other processes' load during the run (cores),
-    "waited_s": time spent waiting for quiet before it}."""
+    "waited_s": time spent waiting for quiet before it, "minor_faults": this process's page faults in it}."""
     names = list(variants)
     recs = {n: [] for n in names}
     r = 0
@@ -172,10 +204,11 @@ def run_interleaved(variants: dict, repeats: int, gate: QuietGate, log=print, ma
         k = r % len(names)
         for name in names[k:] + names[:k]:
             waited = gate.wait()
-            a = cpu_snapshot()
+            a, faults = cpu_snapshot(), minor_faults()
             seconds, extra = variants[name]()
             load = foreign_cores(a, cpu_snapshot())
-            recs[name].append({"s": seconds, "extra": extra, "foreign_cores": load, "waited_s": waited})
+            recs[name].append({"s": seconds, "extra": extra, "foreign_cores": load, "waited_s": waited,
+                               "minor_faults": minor_faults() - faults})
         log(f"    repetition {r + 1}: " + ", ".join(
             f"{n}={recs[n][-1]['s']:.3f}s" + ("*" if not is_clean(recs[n][-1], gate) else "") for n in names)
             + "  (* disturbed)")
@@ -205,7 +238,7 @@ def med_of(recs: list, gate: QuietGate, key=lambda r: r["s"]) -> float:
 
 def raw_of(recs: list) -> dict:
     return {"s": [r["s"] for r in recs], "foreign_cores": [r["foreign_cores"] for r in recs],
-            "waited_s": [r["waited_s"] for r in recs]}
+            "waited_s": [r["waited_s"] for r in recs], "minor_faults": [r["minor_faults"] for r in recs]}
 
 
 # -- (a) Ornstein–Uhlenbeck: plain EM ---------------------------------------------------------------
@@ -293,6 +326,7 @@ def part_a(cfg, gate, log):
         "median_s": med,
         "median_all_runs_s": {n: median([x["s"] for x in r]) for n, r in recs.items()},
         "min_s": {n: min(x["s"] for x in r) for n, r in recs.items()},
+        "median_minor_faults": {n: median([x["minor_faults"] for x in r]) for n, r in recs.items()},
         "undisturbed_runs": {n: chosen(r, gate)[0] if chosen(r, gate)[1] else None for n, r in recs.items()},
         "speedup_default_noise": med["torchsde_default"] / med["ours_default"],
         "speedup_default_noise_MultilevelSDE": med["torchsde_default"] / med["ours_default_MultilevelSDE"],
@@ -684,11 +718,12 @@ def print_tables(res: dict) -> None:
         s, c = a["summary"], a["checks"]
         print(f"\n(a) plain EM, OU d={res['settings']['a_dim']} batch={res['settings']['a_batch']} "
               f"steps={c['steps']} (medians)")
-        print(f"  {'variant':32s} {'median s':>9s} {'min s':>9s} {'median(all) s':>13s}  undisturbed runs")
+        print(f"  malloc: {res['settings'].get('malloc')}")
+        print(f"  {'variant':32s} {'median s':>9s} {'min s':>9s} {'median(all) s':>13s} {'faults':>8s}  undisturbed runs")
         for n, v in s["median_s"].items():
             und = s["undisturbed_runs"][n]
-            print(f"  {n:32s} {v:9.3f} {s['min_s'][n]:9.3f} {s['median_all_runs_s'][n]:13.3f}  "
-                  f"{'all (too few undisturbed)' if und is None else und}")
+            print(f"  {n:32s} {v:9.3f} {s['min_s'][n]:9.3f} {s['median_all_runs_s'][n]:13.3f} "
+                  f"{s['median_minor_faults'][n]:8.0f}  {'all (too few undisturbed)' if und is None else und}")
         print(f"  speed-up default noise  (torchsde/ours): {s['speedup_default_noise']:.2f}x "
               f"(MultilevelSDE wrapper: {s['speedup_default_noise_MultilevelSDE']:.2f}x)   target >= 2x: "
               f"{'MET' if s['target_default_ge_2x'] else 'MISSED'}")
@@ -751,6 +786,8 @@ def main(argv=None) -> dict:
                          "(default 10, quick 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--parts", default="ab", help="which parts to run: a, b or ab (default)")
+    ap.add_argument("--no-malloc-tuning", action="store_true",
+                    help="keep glibc's malloc thresholds (default: raise them so freed memory is reused)")
     ap.add_argument("--quiet-threshold", type=float, default=0.25,
                     help="a run is 'undisturbed' when other processes kept fewer cores busy (default 0.25); "
                          "medians use the undisturbed runs when there are >= 3 of them")
@@ -772,6 +809,7 @@ def main(argv=None) -> dict:
     cfg["quiet_window_s"] = 0.1 if args.quick else 0.2
     cfg["quiet_max_wait_s"] = args.max_wait if args.max_wait is not None else (2.0 if args.quick else 20.0)
     gate = QuietGate(cfg["quiet_threshold_cores"], cfg["quiet_window_s"], cfg["quiet_max_wait_s"])
+    cfg["malloc"] = tune_malloc(not args.no_malloc_tuning)
 
     res = {
         "benchmark": "overhead",

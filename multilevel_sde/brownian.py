@@ -142,17 +142,25 @@ class GridBrownian:
 
     def index_of(self, t) -> int:
         """The grid index of time ``t`` (within a quarter of the local spacing), else a ValueError."""
-        tf = float(t)
-        i = int(np.clip(np.searchsorted(self.times, tf), 0, len(self.times) - 1))
-        candidates = [j for j in (i - 1, i) if 0 <= j < len(self.times)]
-        j = min(candidates, key=lambda c: abs(self.times[c] - tf))
-        spacing = self._spacing[min(j, self.num_steps - 1)] if self.num_steps else 1.0
-        if abs(self.times[j] - tf) > 0.25 * spacing:
+        return int(self.indices_of(np.array([float(t)]))[0])
+
+    def indices_of(self, times: np.ndarray) -> np.ndarray:
+        """``index_of`` for many times at once: int64 grid indices, shaped like ``times``. A solver whose grid
+        was accumulated in another dtype (float32 ``t + dt``) still finds its steps on the path's grid."""
+        query = np.asarray(times, dtype=np.float64)
+        right = np.clip(np.searchsorted(self.times, query), 1, len(self.times) - 1)
+        left = right - 1
+        nearest = np.where(np.abs(self.times[left] - query) <= np.abs(self.times[right] - query), left, right)
+        spacing = self._spacing[np.minimum(nearest, self.num_steps - 1)]
+        off = np.abs(self.times[nearest] - query) > 0.25 * spacing
+        if off.any():
+            bad = int(np.flatnonzero(off.reshape(-1))[0])
+            tf, j = float(query.reshape(-1)[bad]), int(nearest.reshape(-1)[bad])
             raise ValueError(
                 f"GridBrownian queried at t={tf!r}, which is not on its grid "
                 f"[{self.times[0]}, {self.times[-1]}] (nearest grid time {self.times[j]})"
             )
-        return j
+        return nearest
 
     def __call__(self, ta, tb=None, return_U: bool = False, return_A: bool = False) -> torch.Tensor:
         if return_U or return_A:

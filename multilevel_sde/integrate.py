@@ -289,10 +289,14 @@ def _noise_source(protocol: _SDEProtocol, bm, times: torch.Tensor, times_np: np.
         channels = protocol.noise_channels(times[0], y0)
         bm = GridBrownian(times_np.astype(np.float64), size=(y0.shape[0], channels), seed=bm_seed,
                           dtype=y0.dtype, device=y0.device)
-    if isinstance(bm, GridBrownian) and len(bm.times) == len(times_np) and np.array_equal(
-        bm.times, times_np.astype(np.float64)
-    ):
-        return lambda n, t, y: protocol.noise(t, y, bm.increment(n))
+    if isinstance(bm, GridBrownian):  # the path's grid indices of the steps, found once for the whole solve
+        index = bm.indices_of(times_np).tolist()
+
+        def increment(n: int) -> torch.Tensor:  # one path step read as it is, else the sum over the solver step
+            a, b = index[n], index[n + 1]
+            return bm.increment(a) if b == a + 1 else bm.increments(a, b)
+
+        return lambda n, t, y: protocol.noise(t, y, increment(n))
     return lambda n, t, y: protocol.noise(t, y, bm(times[n], times[n + 1]))
 
 

@@ -241,6 +241,28 @@ def test_grid_brownian_cache_all_keeps_the_same_path_in_memory():
     assert "cache='all'" in repr(kept)
 
 
+def test_sdeint_reads_a_grid_brownian_by_index(monkeypatch):
+    """Steps on the path's grid read its increments by index, found once per solve, also when the solver's
+    float32 grid was accumulated differently from the path's float64 one; a coarser grid sums increments;
+    a grid off the path's is refused before any step is taken. Results equal torchsde's queries bm(ta, tb)."""
+    sde = PlainSDE()
+    sde.G = sde.G.float()
+    y0 = torch.randn(4, D, generator=torch.Generator().manual_seed(1))
+    ts = torch.tensor([0.0, 0.45, 1.0])
+    bm = mlsde.GridBrownian(t0=0.0, t1=1.0, dt=0.01, size=(4, D), seed=6)
+    assert not np.array_equal(mlsde.solvers.grid.uniform_grid(0.0, 1.0, 0.01, np.float32).astype(np.float64), bm.times)
+    for dt in (0.01, 0.03):
+        theirs = torchsde.sdeint(sde, y0, ts, bm=bm, method="euler", dt=dt)
+        queries = []
+        original = mlsde.GridBrownian.index_of
+        monkeypatch.setattr(mlsde.GridBrownian, "index_of", lambda self, t: queries.append(t) or original(self, t))
+        ours = mlsde.sdeint(sde, y0, ts, bm=bm, dt=dt)
+        monkeypatch.undo()
+        assert torch.equal(ours, theirs) and queries == []
+    with pytest.raises(ValueError, match=r"GridBrownian queried at t=0\.00499\d*, which is not on its grid"):
+        mlsde.sdeint(sde, y0, ts, bm=bm, dt=0.005)
+
+
 def test_sdeint_default_noise_is_seeded():
     sde = PlainSDE()
     y0 = torch.zeros(3, D, dtype=DTYPE)

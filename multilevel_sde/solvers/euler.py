@@ -81,7 +81,7 @@ def _euler_update(y: torch.Tensor, f: torch.Tensor, h: float, g_dw: Optional[tor
         out = y + out
     if g_dw is None:
         return out
-    if g_dw.dtype == out.dtype and torch.broadcast_shapes(g_dw.shape, out.shape) == out.shape:
+    if g_dw.shape == out.shape and g_dw.dtype == out.dtype:
         out += g_dw
         return out
     return out + g_dw
