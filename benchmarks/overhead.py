@@ -38,10 +38,10 @@ before each run the script waits (briefly) for other processes to go quiet, reco
 the run (from /proc/stat), and takes the medians over the undisturbed runs when there are >= 3 of them
 (adding repetitions up to --max-repeats); the JSON keeps every raw time with its load. Everything runs
 under ``torch.no_grad()``. glibc's malloc hands freed blocks above its thresholds back to the kernel, so a
-solve that allocates a few 1 MB state-sized tensors a step (part a) page-faults ~300 times a step, and how
-often depends on the heap's history: that, not the solvers, dominated part (a)'s times and their spread.
-The script therefore raises glibc's trim and mmap thresholds for its whole process (the same for every
-variant; ``--no-malloc-tuning`` keeps glibc's defaults); the JSON records torch/torchsde versions, threads, date and the library's git
+solve that allocates a few 1 MB state-sized tensors a step (part a) can page-fault hundreds of times a
+step, depending on the heap's history rather than on the solver. The script therefore raises glibc's trim
+and mmap thresholds for its whole process (the same for every variant; ``--no-malloc-tuning`` keeps
+glibc's defaults) and records each run's page faults; the JSON records torch/torchsde versions, threads, date and the library's git
 commit and source hash. Usage::
 
     python benchmarks/overhead.py --quick      # reduced sizes, < 1 minute
