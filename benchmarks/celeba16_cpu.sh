@@ -4,7 +4,7 @@
 # Results and figures go to benchmarks/results/celeba16-cpu/{ddpm,ddim}; checkpoints stay in $WORK.
 #
 #   CELEBA=/path/to/img_align_celeba_parent bash benchmarks/celeba16_cpu.sh     # about 1.5 h on 2 cores
-#   (plus the distillation levers, steps 3-5: ~1.5 h of training and three DDPM experiments; DISTILLED=0 skips
+#   (plus the distillation levers, steps 3-6: ~2 h of training and four DDPM experiments; DISTILLED=0 skips
 #   them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -81,4 +81,17 @@ if [ "${DISTILLED:-1}" = 1 ]; then
     --mlem-steps 100,50,25,10 --stratified inverse-cost,theory,learned --tstitch-steps 100,50,25 \
     > "$OUT/ddpm-distilled-12k.log" 2>&1
   echo "done: $OUT/ddpm-distilled-12k/report.md"
+
+  # 6. more and closer levels: cpu-s and cpu-l distilled like step 3 (3000 steps, one core each), then the
+  #    experiment on the five-network distilled ladder with ML-EM on the three closest to the top (m, l, xl)
+  distill cpu-s level_1 "$WORK/celeba16-distill" 3000 1000 500 &
+  distill cpu-l level_3 "$WORK/celeba16-distill" 3000 1000 500 &
+  wait
+  "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-distill/level_0" "$WORK/celeba16-distill/level_1" \
+    "$WORK/celeba16-distill/level_2" "$WORK/celeba16-distill/level_3" "$WORK/celeba16/level_4" \
+    --out "$OUT/ddpm-distilled-closer" --samplers ddpm --mlem-networks 2,3,4 \
+    --title "CelebA 16x16, cpu-xs..cpu-l distilled from cpu-xl, ML-EM on (m, l, xl), DDPM (CPU)" "${ARGS[@]}" \
+    --mlem-steps 50,25,10 --stratified inverse-cost,theory,learned --tstitch-steps 50,25 \
+    > "$OUT/ddpm-distilled-closer.log" 2>&1
+  echo "done: $OUT/ddpm-distilled-closer/report.md"
 fi

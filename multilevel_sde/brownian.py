@@ -103,13 +103,13 @@ class GridBrownian:
     def _load_chunk(self, j: int) -> torch.Tensor:
         chunk = self._chunks.get(j)
         if chunk is None:
+            if self.cache == "chunk":
+                self._chunks.clear()  # before the new chunk is drawn: one 64 MiB buffer at a time
             start = j * self.chunk_steps
             stop = min(start + self.chunk_steps, self.num_steps)
             gen = make_generator(derive_seed(self.seed, j), self._device)
             noise = torch.randn((stop - start, *self._size), generator=gen, dtype=self._dtype, device=self._device)
             scale = self._sqrt_dt[start:stop].to(self._dtype).to(self._device)
-            if self.cache == "chunk":
-                self._chunks.clear()  # before the new chunk is scaled: one 64 MiB buffer at a time
             chunk = self._chunks[j] = noise.mul_(scale.reshape(-1, 1, 1))  # in place: one buffer, not two
         return chunk
 
