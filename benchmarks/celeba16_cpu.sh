@@ -4,7 +4,7 @@
 # Results and figures go to benchmarks/results/celeba16-cpu/{ddpm,ddim}; checkpoints stay in $WORK.
 #
 #   CELEBA=/path/to/img_align_celeba_parent bash benchmarks/celeba16_cpu.sh     # about 1.5 h on 2 cores
-#   (plus the distillation levers, steps 3-6: ~2 h of training and four DDPM experiments; DISTILLED=0 skips
+#   (plus the distillation levers, steps 3-6: ~1.7 h of training and five experiments; DISTILLED=0 skips
 #   them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
