@@ -169,3 +169,39 @@ def test_every_strategy_can_also_run_with_stratified_coins(ladder, tmp_path):
     assert ExperimentConfig(stratified=False).validate().stratified == ()
     with pytest.raises(ValueError, match="stratified"):
         ExperimentConfig(stratified=("magic",)).validate()
+
+
+def test_batch_coupled_points_give_the_spread_between_coin_patterns(ladder, tmp_path):
+    """With coins shared by a batch, the images of a batch are one draw of the coin pattern: an ML-EM point's
+    standard error is taken between patterns (NaN with a single one), and the report says so; points without
+    coins keep the spread between images."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from multilevel_sde.diffusion.report import _points_section
+
+    def runner(values):
+        values = iter(values)
+
+        def run_one(batch, seed):  # every image of a chunk at the chunk's offset from a zero reference
+            return SimpleNamespace(images=torch.full((batch, *SHAPE), next(values)), flops=1.0, seconds=0.0,
+                                   stats=SimpleNamespace(evaluations=[batch]))
+        return run_one
+
+    reference = torch.zeros(6, *SHAPE)
+    ex = Experiment(ladder, SHAPE, replace(TINY, coupling="batch", heldout=6, batch=2), tmp_path / "b2", progress=False)
+    ex._measure("ddpm", "mlem", "ML-EM x 20", "ML-EM x 20 a", runner([1.0, 2.0, 4.0]), reference)
+    ex._measure("ddpm", "em", "EM x", "EM x 20", runner([1.0, 2.0, 4.0]), reference)
+    patterns = torch.tensor([1.0, 4.0, 16.0], dtype=torch.float64)  # squared offsets: each chunk's MSE
+    images = patterns.repeat_interleave(2)
+    mlem, em = ex.points
+    assert mlem["coin_patterns"] == 3 and "coin_patterns" not in em
+    assert mlem["mse"] == pytest.approx(float(patterns.mean())) == em["mse"]
+    assert mlem["mse_se"] == pytest.approx(float(patterns.std() / 3 ** 0.5))
+    assert em["mse_se"] == pytest.approx(float(images.std() / 6 ** 0.5))
+    text = "\n".join(_points_section(ex.points))
+    assert "averages 3 coin pattern(s)" in text and "(3 patterns)" in text
+
+    one = Experiment(ladder, SHAPE, replace(TINY, coupling="batch", heldout=6, batch=6), tmp_path / "b6", progress=False)
+    one._measure("ddpm", "mlem", "ML-EM x 20", "ML-EM x 20 a", runner([3.0]), reference)
+    assert one.points[0]["coin_patterns"] == 1 and one.points[0]["mse_se"] != one.points[0]["mse_se"]  # NaN

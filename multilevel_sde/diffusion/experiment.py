@@ -259,10 +259,15 @@ class Experiment:
             return
         run = self._run(run_one, self.config.heldout, self.config.seed)
         err = (run.images - reference).pow(2).flatten(1).mean(1).double()
-        n = err.numel()
-        point = dict(sampler=sampler, family=family, curve=curve, label=label, mse=float(err.mean()),
-                     mse_se=float(err.std() / math.sqrt(n)) if n > 1 else float("nan"), flops=run.flops,
-                     calls=run.calls, seconds=run.seconds, **info)
+        if family == "mlem" and self.config.coupling == "batch":
+            # the images of a batch share one coin pattern: the spread that matters is between patterns
+            sizes = [size for size, _ in self._chunks(self.config.heldout, self.config.seed)]
+            info["coin_patterns"] = len(sizes)
+            err_se = _standard_error(torch.stack([chunk.mean() for chunk in err.split(sizes)]))
+        else:
+            err_se = _standard_error(err)
+        point = dict(sampler=sampler, family=family, curve=curve, label=label, mse=float(err.mean()), mse_se=err_se,
+                     flops=run.flops, calls=run.calls, seconds=run.seconds, **info)
         self._record(point, run.images)
 
     # -- the stages -----------------------------------------------------------------------------------
@@ -573,3 +578,9 @@ def run_experiment(models: Sequence[nn.Module], image_shape: Sequence[int], out_
     """``Experiment(models, image_shape, config, out_dir, **kwargs).run()``; see :class:`Experiment`."""
     run_kwargs = {k: kwargs.pop(k) for k in ("title", "command") if k in kwargs}
     return Experiment(models, image_shape, config or ExperimentConfig(), out_dir, **kwargs).run(**run_kwargs)
+
+
+def _standard_error(values: torch.Tensor) -> float:
+    """Standard error of the mean of ``values`` (NaN for a single value: its spread is unknown)."""
+    n = values.numel()
+    return float(values.std() / math.sqrt(n)) if n > 1 else float("nan")

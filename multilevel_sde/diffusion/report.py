@@ -250,10 +250,21 @@ def _points_section(points: Sequence[Mapping]) -> list[str]:
         return p["sampler"], p["curve"], flops if math.isfinite(flops) else math.inf
 
     rows = [(p["sampler"], p["curve"], p.get("label", ""), p.get("steps", ""),
-             f"{_fmt(p.get('mse'))} ± {_fmt(p.get('mse_se'))}", _fmt(p.get("flops")), _fmt(p.get("calls")),
-             _fmt(p.get("seconds"))) for p in sorted(points, key=key)]
-    return ["## Points", ""] + _table(("sampler", "curve", "label", "steps", "MSE ± se", "FLOPs", "calls",
-                                        "seconds"), rows)
+             f"{_fmt(p.get('mse'))} ± {_fmt(p.get('mse_se'))}" + _patterns_note(p), _fmt(p.get("flops")),
+             _fmt(p.get("calls")), _fmt(p.get("seconds"))) for p in sorted(points, key=key)]
+    shared = [p["coin_patterns"] for p in points if "coin_patterns" in p]
+    note = [] if not shared else [
+        f"ML-EM coins are shared by each batch (`coupling=\"batch\"`): an ML-EM point averages {min(shared)}"
+        + ("" if min(shared) == max(shared) else f"–{max(shared)}") + " coin pattern(s), and its ± is the spread "
+        "between patterns (unknown, nan, with one pattern: such a point is a single draw, and a maximum over "
+        "single draws flatters the curve).", ""]
+    return ["## Points", ""] + note + _table(("sampler", "curve", "label", "steps", "MSE ± se", "FLOPs", "calls",
+                                               "seconds"), rows)
+
+
+def _patterns_note(point: Mapping) -> str:
+    patterns = point.get("coin_patterns")
+    return "" if patterns is None else f" ({patterns} pattern{'s' if patterns != 1 else ''})"
 
 
 def _level_section(levels: Optional[Mapping]) -> list[str]:
