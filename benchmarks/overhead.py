@@ -41,8 +41,8 @@ under ``torch.no_grad()``. glibc's malloc hands freed blocks above its threshold
 solve that allocates a few 1 MB state-sized tensors a step (part a) can page-fault hundreds of times a
 step, depending on the heap's history rather than on the solver. The script therefore raises glibc's trim
 and mmap thresholds for its whole process (the same for every variant; ``--no-malloc-tuning`` keeps
-glibc's defaults) and records each run's page faults; the JSON records torch/torchsde versions, threads, date and the library's git
-commit and source hash. Usage::
+glibc's defaults) and records each run's page faults. The JSON records torch/torchsde versions, threads,
+date and the library's git commit and source hash. Usage::
 
     python benchmarks/overhead.py --quick      # reduced sizes, < 1 minute
     python benchmarks/overhead.py              # full sizes, writes benchmarks/results/overhead.json
