@@ -129,7 +129,10 @@ class GridBrownian:
         return self._load_chunk(i // self.chunk_steps)[i % self.chunk_steps]
 
     def increments(self, start: int, stop: int) -> torch.Tensor:
-        """Sum of the increments of steps ``start .. stop-1`` (``W(t_stop) - W(t_start)``)."""
+        """Sum of the increments of steps ``start .. stop-1`` (``W(t_stop) - W(t_start)``); for one step, the
+        stored increment itself (a view: do not modify)."""
+        if stop == start + 1:
+            return self.increment(start)
         total = torch.zeros(self._size, dtype=self._dtype, device=self._device)
         i = start
         while i < stop:
@@ -170,8 +173,6 @@ class GridBrownian:
         ia, ib = self.index_of(ta), self.index_of(tb)
         if ib < ia:
             raise ValueError(f"GridBrownian needs ta <= tb, got ta={float(ta)!r}, tb={float(tb)!r}")
-        if ib == ia + 1:
-            return self.increment(ia)
         return self.increments(ia, ib)
 
     def __repr__(self) -> str:

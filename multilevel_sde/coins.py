@@ -44,28 +44,28 @@ class UniformStream:
         self._buffer = fresh if left == 0 else torch.cat([self._buffer[self._pos:], fresh])
         self._array, self._floats, self._pos = self._buffer.numpy(), None, 0
 
+    def _take(self, n: int) -> slice:
+        """Where the next ``n`` uniforms lie in the buffer (refilled when needed); advances past them."""
+        self._ensure(n)
+        self._pos += n
+        return slice(self._pos - n, self._pos)
+
     def tensor(self, n: int) -> torch.Tensor:
         """The next ``n`` uniforms, a float64 CPU tensor ``(n,)`` (a view of the buffer: do not modify)."""
-        self._ensure(n)
-        out = self._buffer[self._pos:self._pos + n]
-        self._pos += n
-        return out
+        where = self._take(n)  # first: it may refill the buffer
+        return self._buffer[where]
 
     def numpy(self, n: int) -> np.ndarray:
         """The next ``n`` uniforms as a float64 numpy array (a view of the buffer: do not modify)."""
-        self._ensure(n)
-        out = self._array[self._pos:self._pos + n]
-        self._pos += n
-        return out
+        where = self._take(n)  # first: it may refill the buffer
+        return self._array[where]
 
     def floats(self, n: int) -> list:
         """The next ``n`` uniforms as Python floats."""
-        self._ensure(n)
-        if self._floats is None:
+        where = self._take(n)
+        if self._floats is None:  # the buffer as Python floats, once per refill
             self._floats = self._buffer.tolist()
-        out = self._floats[self._pos:self._pos + n]
-        self._pos += n
-        return out
+        return self._floats[where]
 
 
 class CoinScheme:

@@ -291,12 +291,7 @@ def _noise_source(protocol: _SDEProtocol, bm, times: torch.Tensor, times_np: np.
                           dtype=y0.dtype, device=y0.device)
     if isinstance(bm, GridBrownian):  # the path's grid indices of the steps, found once for the whole solve
         index = bm.indices_of(times_np).tolist()
-
-        def increment(n: int) -> torch.Tensor:  # one path step read as it is, else the sum over the solver step
-            a, b = index[n], index[n + 1]
-            return bm.increment(a) if b == a + 1 else bm.increments(a, b)
-
-        return lambda n, t, y: protocol.noise(t, y, increment(n))
+        return lambda n, t, y: protocol.noise(t, y, bm.increments(index[n], index[n + 1]))
     return lambda n, t, y: protocol.noise(t, y, bm(times[n], times[n + 1]))
 
 
