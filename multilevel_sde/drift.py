@@ -389,13 +389,19 @@ class MultilevelDrift(nn.Module):
         the step counter. A level whose ``p`` is 1 (for every sample) is certain and takes no uniform; the
         others take ``width`` uniforms each, in level order, from the buffered stream."""
         self.__dict__["_step"] = self._step + 1
-        coins = np.ones((p.shape[0], width), dtype=bool)
-        if uncertain:
-            u = self._uniforms.numpy(len(uncertain) * width).reshape(len(uncertain), width)
-            if len(uncertain) == p.shape[0]:
-                np.less(u, p, out=coins)
-            else:
-                coins[list(uncertain)] = u < p[list(uncertain)]
+        k, n = p.shape[0], len(uncertain)
+        if not n:
+            return np.ones((k, width), dtype=bool)
+        u = self._uniforms.numpy(n * width).reshape(n, width)
+        first = uncertain[0]
+        if uncertain[-1] - first == n - 1:  # a run of levels (the usual case: the certain ones are the cheapest)
+            coins = np.empty((k, width), dtype=bool)
+            coins[:first] = True
+            coins[first + n:] = True
+            np.less(u, p[first:first + n], out=coins[first:first + n])
+        else:
+            coins = np.ones((k, width), dtype=bool)
+            coins[list(uncertain)] = u < p[list(uncertain)]
         return coins
 
     def _batch_coins(self, plan: "_StepPlan") -> list:
@@ -534,7 +540,7 @@ class MultilevelDrift(nn.Module):
         (numpy, a few microseconds); each level runs on the sub-batch that needs it. A level needed by every
         sample enters the sum directly (as a number when its coefficient is the same for all); the sub-batch
         terms are scattered into it with one ``index_add_``."""
-        batch, k = y.shape[0], self.num_levels
+        batch, k = y.shape[0], len(plan.p_list)
         weights = drawn / plan.p_numpy  # B_l / p_l, float64 (k, batch)
         coef = weights.copy()
         coef[:-1] -= weights[1:]  # c_m = w_m - w_{m+1}

@@ -23,12 +23,15 @@ def test_uniform_stream_hands_out_the_generators_own_sequence(sizes, block, seed
     assert torch.equal(torch.cat(got), expected)
 
 
+@pytest.mark.parametrize("p", [[0.7, 1.0, 0.2], [1.0, 0.7, 0.2]], ids=["certain-between", "certain-first"])
 @pytest.mark.parametrize("coupling", ["batch", "sample"])
-def test_independent_coins_are_uniforms_below_p_and_certain_levels_take_none(coupling):
+def test_independent_coins_are_uniforms_below_p_and_certain_levels_take_none(coupling, p):
     """Coin l of a step is ``u < p_l`` with the next uniforms of the drift's seed, level after level (and
     sample after sample); a level with p = 1 is heads without consuming a uniform."""
     levels, _, _ = affine_ladder(3, D, 0)
-    p, batch, steps = [0.7, 1.0, 0.2], 5, 6
+    batch, steps = 5, 6
+    certain = p.index(1.0)
+    uncertain = [level for level in range(3) if level != certain]
     drift = mlsde.MultilevelDrift(levels, p, costs=[1, 2, 4], coupling=coupling, seed=11)
     drift.record_coins()
     x = torch.randn(batch, D, dtype=DTYPE)
@@ -36,7 +39,9 @@ def test_independent_coins_are_uniforms_below_p_and_certain_levels_take_none(cou
         drift.sample(0.0, x, 0.1)
     width = 1 if coupling == "batch" else batch
     u = torch.rand(steps, 2, width, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    expected = torch.stack([u[:, 0] < 0.7, torch.ones(steps, width, dtype=torch.bool), u[:, 1] < 0.2], dim=1)
+    expected = torch.ones(steps, 3, width, dtype=torch.bool)
+    for j, level in enumerate(uncertain):
+        expected[:, level] = u[:, j] < p[level]
     got = drift.recorded_coins()
     assert torch.equal(got, expected.squeeze(-1) if coupling == "batch" else expected)
 
