@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -74,12 +75,14 @@ def test_stitch_endpoints_are_plain_em_and_costs_are_exact(ladder):
         stitch_sample(small, large, SHAPE, 11, costs=costs, **kw)
 
 
-def test_learning_set_reproduces_the_samplers_noise(ladder, tmp_path):
+@pytest.mark.parametrize("batch", [TINY.batch, 2])
+def test_learning_set_reproduces_the_samplers_noise(ladder, tmp_path, batch):
     """With every p = 1 the learning problem's solve is EM with the top network on the learning grid: the
-    selection set's x_T and Brownian path must be the ones ``sample`` uses for the same seed."""
+    selection set's x_T and Brownian path must be the ones ``sample`` uses for the same seed, also when the
+    held-out batch is smaller than the selection set (which is one chunk)."""
     from multilevel_sde.diffusion import experiment as ex_mod
 
-    ex = Experiment(ladder, SHAPE, TINY, tmp_path, progress=False)
+    ex = Experiment(ladder, SHAPE, dataclasses.replace(TINY, batch=batch), tmp_path, progress=False)
     captured = {}
     original = ex_mod.fit_probabilities
 
@@ -97,7 +100,7 @@ def test_learning_set_reproduces_the_samplers_noise(ladder, tmp_path):
     from multilevel_sde.probabilities import Constant
 
     x, _, _ = problem.solve(Constant([1.0, 1.0, 1.0]), paths, coupling="batch")
-    seed = ex._chunks(TINY.select, ex_mod.derive_seed(TINY.seed, 1_000_003))[0][1]
+    seed = ex._chunks(TINY.select, ex_mod.derive_seed(TINY.seed, 1_000_003), batch=TINY.select)[0][1]
     em = sample(ladder[-1], SHAPE, batch=TINY.select, steps=TINY.learn_grid, seed=seed)
     assert torch.allclose(x.reshape(em.images.shape), em.images, atol=1e-5)
     assert info["select"] == TINY.select and len(info["a"]) == 3

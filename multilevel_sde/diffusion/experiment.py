@@ -55,7 +55,8 @@ class ExperimentConfig:
 
     Attributes:
         heldout, select: images in the held-out (reported) and selection (learning) sets.
-        batch: images per sampling call (the held-out set runs in chunks of this size).
+        batch: images per sampling call (the held-out set runs in chunks of this size; the selection set is
+            always one chunk of ``select`` images).
         samplers: ``("ddpm", "ddim")`` or a subset.
         em_steps: EM step counts (every network); ``reference_steps`` the reference's. The paper's protocol is
             {250, ..., 1000}; the default adds 10 to 100 steps, so that EM's frontier is measured where ML-EM's
@@ -226,14 +227,15 @@ class Experiment:
             self._bar.update(1)
             self._bar.set_postfix_str(f"{point['sampler']} {point['label']}"[:60])
 
-    def _chunks(self, n: int, seed: int):
-        b = self.config.batch
+    def _chunks(self, n: int, seed: int, batch: Optional[int] = None):
+        b = self.config.batch if batch is None else batch
         return [(min(b, n - i), derive_seed(seed, i // b)) for i in range(0, n, b)]
 
-    def _run(self, run_one: Callable, n: int, seed: int) -> _Run:
-        """Runs ``run_one(batch, seed) -> SampleResult`` over the chunks of an ``n``-image set."""
+    def _run(self, run_one: Callable, n: int, seed: int, batch: Optional[int] = None) -> _Run:
+        """Runs ``run_one(batch, seed) -> SampleResult`` over the chunks of an ``n``-image set (chunks of
+        ``batch`` images; None: the configured batch)."""
         images, flops, calls, seconds = [], 0.0, 0.0, 0.0
-        for size, chunk_seed in self._chunks(n, seed):
+        for size, chunk_seed in self._chunks(n, seed, batch):
             res = run_one(size, chunk_seed)
             images.append(res.images)
             flops += res.stats.cost if math.isnan(res.flops) else res.flops  # costs are given in FLOPs
@@ -385,11 +387,11 @@ class Experiment:
                             "sample", device=self.device, seed=sel_seed)
         problem = LearningProblem(drift, MultilevelSDE(drift, _diffusion_of(grid, self.device)), grid=grid.times)
         n = cfg.select
-        if n > cfg.batch:
-            raise ValueError(f"select ({n}) must not exceed batch ({cfg.batch}): learning runs in one batch")
-        ref = self._run(self._sample_fn(sampler, [len(self.models) - 1], cfg.reference_steps), n, sel_seed).images
-        # the selection set is one chunk: its noise and path come from that chunk's seed, as in the reference
-        chunk_seed = self._chunks(n, sel_seed)[0][1]
+        # learning runs on the whole selection set at once, so the set is one chunk whatever the held-out batch:
+        # its noise and path come from that chunk's seed, as in its reference
+        ref = self._run(self._sample_fn(sampler, [len(self.models) - 1], cfg.reference_steps), n, sel_seed,
+                        batch=n).images
+        chunk_seed = self._chunks(n, sel_seed, batch=n)[0][1]
         x_T = initial_noise((n, *self.image_shape), chunk_seed, self.device)
         bm = brownian_path(grid, n, int(np.prod(self.image_shape)), chunk_seed, self.device, x_T.dtype)
         paths = PathSet(x_T.reshape(n, -1), bm, ref.reshape(n, -1).to(x_T.device))
