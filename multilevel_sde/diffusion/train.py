@@ -1139,6 +1139,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-target", choices=["next", "top"], default="next")
     p.add_argument("--distill-from", default=None, help="one level: distil from this checkpoint")
     p.add_argument("--distill-mix", type=float, default=d.distill_mix)
+    p.add_argument("--init-from", default=None,
+                   help="one level: start from evenly spaced channels and the first blocks of this (larger) "
+                        "checkpoint's EMA weights (weight selection) instead of a random initialisation")
     p.add_argument("--schedule", choices=["cosine", "linear"], default=d.schedule)
     p.add_argument("--T", type=int, default=d.T)
     return p
@@ -1173,10 +1176,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if len(presets) == 1:
             model = build_unet(presets[0], in_channels=int(images.shape[1]), image_size=args.image_size,
                                seed=args.seed, channels_last=args.channels_last)
+            if args.init_from:  # a resumed run continues from its checkpoint's weights instead
+                from .weight_selection import select_weights
+
+                select_weights(model, load_level(args.init_from))
             result = train_level(model, train, held, config, args.out)
+            result["init_from"] = args.init_from
         else:
-            if args.distill_from:
-                raise SystemExit("--distill-from trains one level; for a ladder use --distill")
+            if args.distill_from or args.init_from:
+                raise SystemExit("--distill-from and --init-from train one level; for a ladder use --distill")
             result = train_ladder(presets, train, config, args.out, distill=args.distill, heldout=held,
                                   distill_target=args.distill_target, image_size=args.image_size)
         if _rank() == 0:
