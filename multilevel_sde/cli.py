@@ -55,6 +55,16 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rescore(args: argparse.Namespace) -> int:
+    from .diffusion.demo import format_speedups
+    from .diffusion.experiment import rescore
+
+    for folder in args.folders:
+        print(f"{folder}:")
+        print(format_speedups(rescore(folder)))
+    return 0
+
+
 def _toy(args: argparse.Namespace) -> int:
     from .demo import format_rows, run_toy_demo
 
@@ -180,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--device", default=None)
     exp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     exp.set_defaults(func=_experiment)
+    rescore = sub.add_parser("rescore", help="recompute the speedups of finished experiments from their stored "
+                                             "points and rewrite results.json, report.md and the figures")
+    rescore.add_argument("folders", nargs="+", help="experiment output folders (holding results.json)")
+    rescore.set_defaults(func=_rescore)
     sub.add_parser("train", help="train UNet level(s) of a diffusion ladder (see: mlsde train --help)",
                    add_help=False)
     smp = sub.add_parser("sample", help="sample images with EM, DDIM or ML-EM from trained levels")

@@ -151,6 +151,20 @@ def test_run_writes_every_point_and_reuses_them(ladder, tmp_path, monkeypatch):
     assert extended.key(ladder) == again.key  # a longer sweep reuses the points already measured
     assert replace(TINY, heldout=7).key(ladder) != again.key
 
+    # rescore: the speedups recomputed from the stored points, the rest of the results kept, notes not repeated
+    from multilevel_sde.cli import main
+    from multilevel_sde.diffusion.frontier import summarise
+
+    stale = dict(saved, summary={}, notes=saved["notes"] + ["DDPM" + ex_mod._UNTHRESHOLDED + " stale."])
+    (tmp_path / "results.json").write_text(json.dumps(stale))
+    (tmp_path / "report.md").unlink()
+    assert main(["rescore", str(tmp_path)]) == 0
+    rescored = json.loads((tmp_path / "results.json").read_text())
+    expected = json.loads(json.dumps(summarise(saved["points"], saved["thresholds"]), default=float))
+    assert rescored["summary"] == expected and rescored["points"] == saved["points"]
+    assert rescored["notes"] == saved["notes"] and (tmp_path / "report.md").exists()
+    assert main(["rescore", str(tmp_path / "nowhere")]) == 2
+
 
 def test_every_strategy_can_also_run_with_stratified_coins(ladder, tmp_path):
     from dataclasses import replace

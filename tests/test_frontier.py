@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from multilevel_sde.diffusion.frontier import (best_curve, cost_to_reach, pareto_frontier, speedup_at, speedup_curve,
-                                               summarise)
+from multilevel_sde.diffusion.frontier import (baseline_cost, best_curve, cost_to_reach, pareto_frontier, speedup_at,
+                                               speedup_curve, summarise)
 
 THRESHOLDS = {"ddpm": 5e-5, "ddim": 1e-3}
 
@@ -99,6 +99,26 @@ def test_no_overlap_gives_nan():
     curve = speedup_curve(baseline, method, "flops", 0.0)
     assert curve["mse"] == [] and curve["speedup"] == [] and math.isnan(curve["max"])
     assert math.isnan(speedup_curve([], method, "flops", 0.0)["max"])
+
+
+def test_baseline_cost_follows_a_networks_own_curve_under_the_frontiers_chord():
+    """The top network at 10 steps is dominated by the middle one at 50, but the top's own curve (10 -> 25
+    steps) runs far below the frontier's chord from middle-100 to top-25: EM's cost there is the top's."""
+    middle = [{"curve": "m", "flops": 10.0 * s, "mse": m} for s, m in ((25, 0.077), (50, 0.066), (100, 0.063))]
+    top = [{"curve": "top", "flops": 55.0 * s, "mse": m} for s, m in ((10, 0.071), (25, 0.0148))]
+    method = [{"curve": "ml", "flops": f, "mse": m} for f, m in ((240.0, 0.076), (450.0, 0.0315))]
+    frontier, curves = pareto_frontier(middle + top, "flops"), [pareto_frontier(c, "flops") for c in (middle, top)]
+    assert (550.0, 0.071) not in frontier  # dominated by middle-50 (500 FLOPs, 0.066)
+    mse = 0.062
+    on_top = cost_to_reach(curves[1], mse)
+    assert on_top < 0.7 * cost_to_reach(frontier, mse)  # the chord overstates EM's cost
+    assert baseline_cost(frontier, curves, mse) == pytest.approx(on_top)
+    assert speedup_at(middle + top, method, "flops", mse) == pytest.approx(on_top / cost_to_reach(
+        pareto_frontier(method, "flops"), mse))
+    # in the gap between the networks' ranges the chord is the cheaper estimate and is kept
+    gap = [{"curve": "a", "flops": 1.0, "mse": 1.0}, {"curve": "b", "flops": 100.0, "mse": 0.01}]
+    assert baseline_cost(pareto_frontier(gap, "flops"), [pareto_frontier([g], "flops") for g in gap], 0.1) \
+        == pytest.approx(10.0)
 
 
 def test_summarise_per_sampler_frontier_and_reference_point():
