@@ -4,7 +4,7 @@
 # Results and figures go to benchmarks/results/celeba16-cpu/{ddpm,ddim}; checkpoints stay in $WORK.
 #
 #   CELEBA=/path/to/img_align_celeba_parent bash benchmarks/celeba16_cpu.sh     # about 1.5 h on 2 cores
-#   (plus the distillation levers, steps 3-7: ~1.7 h of training and six experiments; DISTILLED=0 skips
+#   (plus the distillation levers, steps 3-8: ~2 h of training and seven experiments; DISTILLED=0 skips
 #   them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -105,4 +105,24 @@ if [ "${DISTILLED:-1}" = 1 ]; then
     --stratified inverse-cost,theory,learned --learn-steps 12 --learn-batch 32 --learn-grid 100 \
     --deltas=-2,-1,0,1,2 --tstitch-steps 50,25 > "$OUT/ddpm-distilled-batch.log" 2>&1
   echo "done: $OUT/ddpm-distilled-batch/report.md"
+
+  # 8. students started from the top network's own weights (weight selection: every r-th channel, the first
+  #    blocks) and then distilled exactly like step 3; cpu-m came out closer to the top than step 3's, cpu-xs
+  #    (a sixth of the width) farther, so the experiment runs on (step 3's xs, selected m, xl), on the grids
+  #    that paid
+  selected() {  # selected PRESET LEVEL: distil FOLDER/LEVEL from the top network, initialised from it
+    OMP_NUM_THREADS=1 "$PY" -m multilevel_sde.cli train --preset "$1" --data "celeba:$CELEBA" --image-size 16 \
+      --steps 3000 --batch-size 64 --lr 5e-4 --warmup 100 --eval-every 1000 --checkpoint-every 500 \
+      --distill-from "$WORK/celeba16/level_4/checkpoint.pt" --init-from "$WORK/celeba16/level_4/checkpoint.pt" \
+      --out "$WORK/celeba16-select/$2" --no-progress > "$WORK/celeba16-select-$2.json"
+  }
+  selected cpu-xs level_0 &
+  selected cpu-m level_2 &
+  wait
+  "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-distill/level_0" "$WORK/celeba16-select/level_2" \
+    "$WORK/celeba16/level_4" --out "$OUT/ddpm-selected" --samplers ddpm \
+    --title "CelebA 16x16, cpu-xs distilled, cpu-m initialised from cpu-xl's weights and distilled, DDPM (CPU)" \
+    "${ARGS[@]}" --mlem-steps 50,25,10 --stratified inverse-cost,theory,learned --tstitch-steps 50,25 \
+    > "$OUT/ddpm-selected.log" 2>&1
+  echo "done: $OUT/ddpm-selected/report.md"
 fi
