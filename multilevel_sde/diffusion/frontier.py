@@ -23,8 +23,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["pareto_frontier", "cost_to_reach", "baseline_cost", "speedup_curve", "speedup_at", "summarise", "best_curve",
-           "COST_KEYS", "METHOD_FAMILIES", "FRONTIERS"]
+__all__ = ["pareto_frontier", "cost_to_reach", "baseline_cost", "speedup_curve", "speedup_at", "summarise",
+           "best_curve", "COST_KEYS", "METHOD_FAMILIES", "FRONTIERS"]
 
 COST_KEYS = ("flops", "calls", "seconds")
 METHOD_FAMILIES = ("mlem", "tstitch")
