@@ -85,6 +85,12 @@ def _curve_frontiers(points: Iterable[Point], cost_key: str) -> list[Frontier]:
     return [f for f in (pareto_frontier(group, cost_key) for group in groups.values()) if f]
 
 
+def _baseline(points: Iterable[Point], cost_key: str) -> tuple[Frontier, list[Frontier]]:
+    """The baseline's Pareto frontier and its per-curve frontiers (the arguments of :func:`baseline_cost`)."""
+    points = list(points)
+    return pareto_frontier(points, cost_key), _curve_frontiers(points, cost_key)
+
+
 def baseline_cost(frontier: Frontier, curves: Sequence[Frontier], mse: float) -> float:
     """The cheapest cost to reach ``mse`` by :func:`cost_to_reach` on the baseline's Pareto ``frontier`` or on
     any of its ``curves`` (one frontier per curve); ``nan`` when none reaches it."""
@@ -114,9 +120,7 @@ def speedup_curve(baseline_points: Iterable[Point], method_points: Iterable[Poin
     max when the frontiers do not overlap above the threshold.
     """
     threshold = float(threshold)
-    baseline_points = list(baseline_points)
-    baseline, method = pareto_frontier(baseline_points, cost_key), pareto_frontier(method_points, cost_key)
-    curves = _curve_frontiers(baseline_points, cost_key)
+    (baseline, curves), method = _baseline(baseline_points, cost_key), pareto_frontier(method_points, cost_key)
     grid = _mse_grid(baseline, method, threshold, num)
     speedups = [baseline_cost(baseline, curves, m) / cost_to_reach(method, m) for m in grid]
     best = int(np.argmax(speedups)) if speedups else None
@@ -130,10 +134,8 @@ def speedup_at(baseline_points: Iterable[Point], method_points: Iterable[Point],
                mse: float) -> float:
     """The speedup of the method's frontier over the baseline's curves at one ``mse`` (``nan`` where either side
     does not reach it)."""
-    baseline_points = list(baseline_points)
-    baseline = baseline_cost(pareto_frontier(baseline_points, cost_key), _curve_frontiers(baseline_points, cost_key),
-                             mse)
-    return baseline / cost_to_reach(pareto_frontier(method_points, cost_key), mse)
+    return baseline_cost(*_baseline(baseline_points, cost_key), mse) / cost_to_reach(
+        pareto_frontier(method_points, cost_key), mse)
 
 
 def _reference_mse(em_points: Sequence[Point], curve: str, steps: int) -> float:
