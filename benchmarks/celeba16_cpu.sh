@@ -4,7 +4,7 @@
 # Results and figures go to benchmarks/results/celeba16-cpu/{ddpm,ddim}; checkpoints stay in $WORK.
 #
 #   CELEBA=/path/to/img_align_celeba_parent bash benchmarks/celeba16_cpu.sh     # about 1.5 h on 2 cores
-#   (plus the distillation levers, steps 3-8: ~2 h of training and seven experiments; DISTILLED=0 skips
+#   (plus the distillation levers, steps 3-9: ~2.2 h of training and eight experiments; DISTILLED=0 skips
 #   them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -125,4 +125,18 @@ if [ "${DISTILLED:-1}" = 1 ]; then
     "${ARGS[@]}" --mlem-steps 50,25,10 --stratified inverse-cost,theory,learned --tstitch-steps 50,25 \
     > "$OUT/ddpm-selected.log" 2>&1
   echo "done: $OUT/ddpm-selected/report.md"
+
+  # 9. the selected cpu-m trained on to 6000 steps (resumed from step 8's checkpoint; two threads), same experiment
+  mkdir -p "$WORK/celeba16-select6k"
+  [ -d "$WORK/celeba16-select6k/level_2" ] || cp -r "$WORK/celeba16-select/level_2" "$WORK/celeba16-select6k/level_2"
+  OMP_NUM_THREADS=2 "$PY" -m multilevel_sde.cli train --preset cpu-m --data "celeba:$CELEBA" --image-size 16 \
+    --steps 6000 --batch-size 64 --lr 5e-4 --warmup 100 --eval-every 1000 --checkpoint-every 1000 \
+    --distill-from "$WORK/celeba16/level_4/checkpoint.pt" --init-from "$WORK/celeba16/level_4/checkpoint.pt" \
+    --out "$WORK/celeba16-select6k/level_2" --no-progress > "$WORK/celeba16-select6k-level_2.json"
+  "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-distill/level_0" "$WORK/celeba16-select6k/level_2" \
+    "$WORK/celeba16/level_4" --out "$OUT/ddpm-selected-6k" --samplers ddpm \
+    --title "CelebA 16x16, cpu-xs distilled, cpu-m initialised from cpu-xl's weights and distilled for 6000 steps, DDPM (CPU)" \
+    "${ARGS[@]}" --mlem-steps 50,25,10 --stratified inverse-cost,theory,learned --tstitch-steps 50,25 \
+    > "$OUT/ddpm-selected-6k.log" 2>&1
+  echo "done: $OUT/ddpm-selected-6k/report.md"
 fi
