@@ -40,10 +40,12 @@ echo "done: $OUT/ddpm/report.md $OUT/ddim/report.md"
 #    budget (3000 steps), then ML-EM on (xs distilled, m distilled, xl) for DDPM, every strategy also with
 #    stratified coins, and on respaced grids down to 10 steps (the top network's EM frontier lies there)
 if [ "${DISTILLED:-1}" = 1 ]; then
-  distill() {  # distill PRESET LEVEL FOLDER STEPS EVAL_EVERY CHECKPOINT_EVERY: train (or resume) FOLDER/LEVEL
-    OMP_NUM_THREADS=1 "$PY" -m multilevel_sde.cli train --preset "$1" --data "celeba:$CELEBA" --image-size 16 \
-      --steps "$4" --batch-size 64 --lr 5e-4 --warmup 100 --eval-every "$5" --checkpoint-every "$6" \
-      --distill-from "$WORK/celeba16/level_4/checkpoint.pt" --out "$3/$2" --no-progress > "$3-$2.json"
+  TOP="$WORK/celeba16/level_4/checkpoint.pt"
+  distill() {  # distill PRESET LEVEL FOLDER STEPS EVAL_EVERY CHECKPOINT_EVERY [TRAIN ARGS...]: train (or resume)
+    #            FOLDER/LEVEL from the top network, on THREADS threads (default 1)
+    OMP_NUM_THREADS=${THREADS:-1} "$PY" -m multilevel_sde.cli train --preset "$1" --data "celeba:$CELEBA" \
+      --image-size 16 --steps "$4" --batch-size 64 --lr 5e-4 --warmup 100 --eval-every "$5" \
+      --checkpoint-every "$6" --distill-from "$TOP" --out "$3/$2" --no-progress "${@:7}" > "$3-$2.json"
   }
   distill cpu-xs level_0 "$WORK/celeba16-distill" 3000 1000 500
   distill cpu-m level_2 "$WORK/celeba16-distill" 3000 1000 500
@@ -110,33 +112,22 @@ if [ "${DISTILLED:-1}" = 1 ]; then
   #    blocks) and then distilled exactly like step 3; cpu-m came out closer to the top than step 3's, cpu-xs
   #    (a sixth of the width) farther, so the experiment runs on (step 3's xs, selected m, xl), on the grids
   #    that paid
-  selected() {  # selected PRESET LEVEL: distil FOLDER/LEVEL from the top network, initialised from it
-    OMP_NUM_THREADS=1 "$PY" -m multilevel_sde.cli train --preset "$1" --data "celeba:$CELEBA" --image-size 16 \
-      --steps 3000 --batch-size 64 --lr 5e-4 --warmup 100 --eval-every 1000 --checkpoint-every 500 \
-      --distill-from "$WORK/celeba16/level_4/checkpoint.pt" --init-from "$WORK/celeba16/level_4/checkpoint.pt" \
-      --out "$WORK/celeba16-select/$2" --no-progress > "$WORK/celeba16-select-$2.json"
+  selected_experiment() {  # selected_experiment M_FOLDER NAME TITLE: ML-EM on (step 3's xs, M_FOLDER/level_2, xl)
+    "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-distill/level_0" "$1/level_2" "$WORK/celeba16/level_4" \
+      --out "$OUT/$2" --samplers ddpm --title "$3" "${ARGS[@]}" --mlem-steps 50,25,10 \
+      --stratified inverse-cost,theory,learned --tstitch-steps 50,25 > "$OUT/$2.log" 2>&1
+    echo "done: $OUT/$2/report.md"
   }
-  selected cpu-xs level_0 &
-  selected cpu-m level_2 &
+  distill cpu-xs level_0 "$WORK/celeba16-select" 3000 1000 500 --init-from "$TOP" &
+  distill cpu-m level_2 "$WORK/celeba16-select" 3000 1000 500 --init-from "$TOP" &
   wait
-  "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-distill/level_0" "$WORK/celeba16-select/level_2" \
-    "$WORK/celeba16/level_4" --out "$OUT/ddpm-selected" --samplers ddpm \
-    --title "CelebA 16x16, cpu-xs distilled, cpu-m initialised from cpu-xl's weights and distilled, DDPM (CPU)" \
-    "${ARGS[@]}" --mlem-steps 50,25,10 --stratified inverse-cost,theory,learned --tstitch-steps 50,25 \
-    > "$OUT/ddpm-selected.log" 2>&1
-  echo "done: $OUT/ddpm-selected/report.md"
+  selected_experiment "$WORK/celeba16-select" ddpm-selected \
+    "CelebA 16x16, cpu-xs distilled, cpu-m initialised from cpu-xl's weights and distilled, DDPM (CPU)"
 
   # 9. the selected cpu-m trained on to 6000 steps (resumed from step 8's checkpoint; two threads), same experiment
   mkdir -p "$WORK/celeba16-select6k"
   [ -d "$WORK/celeba16-select6k/level_2" ] || cp -r "$WORK/celeba16-select/level_2" "$WORK/celeba16-select6k/level_2"
-  OMP_NUM_THREADS=2 "$PY" -m multilevel_sde.cli train --preset cpu-m --data "celeba:$CELEBA" --image-size 16 \
-    --steps 6000 --batch-size 64 --lr 5e-4 --warmup 100 --eval-every 1000 --checkpoint-every 1000 \
-    --distill-from "$WORK/celeba16/level_4/checkpoint.pt" --init-from "$WORK/celeba16/level_4/checkpoint.pt" \
-    --out "$WORK/celeba16-select6k/level_2" --no-progress > "$WORK/celeba16-select6k-level_2.json"
-  "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-distill/level_0" "$WORK/celeba16-select6k/level_2" \
-    "$WORK/celeba16/level_4" --out "$OUT/ddpm-selected-6k" --samplers ddpm \
-    --title "CelebA 16x16, cpu-xs distilled, cpu-m initialised from cpu-xl's weights and distilled for 6000 steps, DDPM (CPU)" \
-    "${ARGS[@]}" --mlem-steps 50,25,10 --stratified inverse-cost,theory,learned --tstitch-steps 50,25 \
-    > "$OUT/ddpm-selected-6k.log" 2>&1
-  echo "done: $OUT/ddpm-selected-6k/report.md"
+  THREADS=2 distill cpu-m level_2 "$WORK/celeba16-select6k" 6000 1000 1000 --init-from "$TOP"
+  selected_experiment "$WORK/celeba16-select6k" ddpm-selected-6k \
+    "CelebA 16x16, cpu-xs distilled, cpu-m initialised from cpu-xl's weights and distilled for 6000 steps, DDPM (CPU)"
 fi
