@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from multilevel_sde.diffusion.schedule import NoiseSchedule
-from multilevel_sde.diffusion.train import (TrainConfig, load_checkpoint, level_differences, load_level,
-                                            save_checkpoint, train_ladder, train_level)
+from multilevel_sde.diffusion.train import (TrainConfig, learning_rate, load_checkpoint, level_differences,
+                                            load_level, save_checkpoint, train_ladder, train_level)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -223,6 +223,35 @@ def test_interrupted_run_resumes_bit_identically(tmp_path):
     _ckpt_equal(a, torch.load(tmp_path / "ext" / "checkpoint.pt", weights_only=True))
 
 
+def test_learning_rate_warms_up_holds_and_decays_to_zero(tmp_path):
+    cfg = small_config(steps=20, lr=1e-2, warmup=4, decay=5)
+    lrs = [learning_rate(cfg, step) for step in range(20)]
+    assert lrs[:4] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])
+    assert lrs[4:15] == pytest.approx([1e-2] * 11)
+    assert lrs[15:] == pytest.approx([1e-2 * k / 6 for k in (5, 4, 3, 2, 1)])  # each of the last 5 lower, none 0
+    assert learning_rate(cfg.replace(decay=0), 19) == 1e-2
+
+    train, held = toy_data()  # the optimiser runs with these rates (the log holds each row's last one)
+    train_level(TinyEps(), train, held, cfg.replace(log_every=5, eval_every=None, checkpoint_every=None), tmp_path)
+    logged = [float(r["lr"]) for r in read_csv(tmp_path / "log.csv")]
+    assert logged == pytest.approx([lrs[4], lrs[9], lrs[14], lrs[19]])
+
+
+def test_resuming_a_checkpoint_written_before_decay_existed_warns_of_nothing(tmp_path):
+    train, held = toy_data()
+    train_level(TinyEps(), train, held, small_config(steps=3), tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del ckpt["train_config"]["decay"]  # as written by an older version
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_level(TinyEps(), train, held, small_config(steps=6), tmp_path)
+    with pytest.warns(UserWarning, match=r"'decay': \(0, 3\)"):
+        train_level(TinyEps(), train, held, small_config(steps=9, decay=3), tmp_path)
+
+
 def test_architecture_mismatch_and_changed_seed_are_clear_errors(tmp_path):
     train, held = toy_data()
     train_level(TinyEps(width=32), train, held, small_config(steps=3), tmp_path)
@@ -238,7 +267,8 @@ def test_architecture_mismatch_and_changed_seed_are_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("lr", -1.0), ("batch_size", 0), ("ema_decay", 1.0), ("steps", 2.5),
                                          ("grad_clip", 0), ("autocast", "fp8"), ("distill_mix", 0.0),
-                                         ("eval_every", 0), ("schedule", "quadratic"), ("seed", -3)])
+                                         ("eval_every", 0), ("schedule", "quadratic"), ("seed", -3),
+                                         ("decay", -1), ("decay", 5000)])
 def test_bad_hyperparameters_name_argument_and_value(field, value):
     with pytest.raises(ValueError, match=rf"TrainConfig\.{field} must be .*got {value!r}"):
         TrainConfig(**{field: value})

@@ -22,10 +22,11 @@ A ladder (:func:`train_ladder`), each level in ``out_dir/level_{i}/``, finished 
   ``eps_loss`` is always the plain loss against the true noise, so both ways are comparable.
 
 **Optimiser.** Adam (``lr``, betas 0.9/0.999, optional ``weight_decay``), linear learning-rate warm-up over
-``warmup`` steps, gradient-norm clipping (``grad_clip``), optional bf16 autocast (``autocast="bf16"``; the loss is
-taken in float32). EMA of every parameter (buffers copied): ``ema <- d ema + (1 - d) w`` with
-``d = min(ema_decay, (1 + n) / (10 + n))`` after ``n`` updates when ``ema_warmup`` (so short runs are not
-dominated by the initial weights), else ``d = ema_decay``. Sampling uses the EMA weights (:func:`load_level`).
+``warmup`` steps and an optional linear decay over the last ``decay`` steps, gradient-norm clipping
+(``grad_clip``), optional bf16 autocast (``autocast="bf16"``; the loss is taken in float32). EMA of every
+parameter (buffers copied): ``ema <- d ema + (1 - d) w`` with ``d = min(ema_decay, (1 + n) / (10 + n))`` after
+``n`` updates when ``ema_warmup`` (so short runs are not dominated by the initial weights), else
+``d = ema_decay``. Sampling uses the EMA weights (:func:`load_level`).
 
 **Randomness** (never the global RNG): the batch order is a fresh permutation per epoch from
 ``derive_seed(seed, STREAM_DATA, epoch)`` (counter-based: the order at any step is known from the step alone),
@@ -132,6 +133,9 @@ class TrainConfig:
         ema_decay: EMA decay in [0, 1) (0.999 for short runs, 0.9999 for long ones); ``ema_warmup``: use
             ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` updates.
         warmup: steps of linear learning-rate warm-up (0: none).
+        decay: the last ``decay`` steps of the run lower the learning rate linearly towards 0 (step ``n`` of
+            ``steps`` uses ``lr * (steps - n) / (decay + 1)``; warmup-stable-decay; 0: constant after warm-up).
+            A run resumed to more ``steps`` moves its decay window to its new end.
         grad_clip: max gradient norm (None: no clipping).
         seed: seeds every stream of the run (batch order, ``t``, noise, held-out set).
         log_every: a log row every this many steps (and at the end).
@@ -153,6 +157,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True
     warmup: int = 100
+    decay: int = 0
     grad_clip: Optional[float] = 1.0
     weight_decay: float = 0.0
     seed: int = 0
@@ -176,7 +181,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise _bad(name, v, "a positive integer")
-        for name in ("warmup", "eval_size"):
+        for name in ("warmup", "decay", "eval_size"):
             v = getattr(self, name)
             if not _is_int(v) or v < 0:
                 raise _bad(name, v, "a non-negative integer")
@@ -184,6 +189,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise _bad(name, v, "a positive integer or None")
+        if self.decay > self.steps:
+            raise _bad("decay", self.decay, f"at most steps ({self.steps})")
         if not _is_num(self.lr) or self.lr <= 0:
             raise _bad("lr", self.lr, "a positive finite number")
         if not _is_num(self.weight_decay) or self.weight_decay < 0:
@@ -594,8 +601,10 @@ def _check_resume(ckpt: dict, config: TrainConfig, distilled: bool, images: torc
     if bad:
         raise ValueError(f"cannot resume {os.fspath(path)!r}: settings that fix the run's random streams or "
                          f"objective differ (checkpoint, now): {bad}; use another output folder")
-    changed = {k: (saved.get(k), now.get(k)) for k in ("lr", "ema_decay", "ema_warmup", "warmup", "grad_clip",
-                                                       "weight_decay", "autocast") if saved.get(k) != now.get(k)}
+    defaults = TrainConfig().to_dict()  # a setting added after the checkpoint was written had its default
+    changed = {k: (saved.get(k, defaults[k]), now[k]) for k in ("lr", "ema_decay", "ema_warmup", "warmup", "decay",
+                                                                "grad_clip", "weight_decay", "autocast")
+               if saved.get(k, defaults[k]) != now[k]}
     if changed:
         warnings.warn(f"resuming {os.fspath(path)!r} with changed settings (checkpoint, now): {changed}",
                       stacklevel=3)
@@ -855,7 +864,7 @@ def train_level(model: nn.Module, train_data, heldout_data=None, config: Optiona
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            lr = config.lr * min(1.0, (step + 1) / config.warmup) if config.warmup else config.lr
+            lr = learning_rate(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
@@ -922,6 +931,18 @@ def train_level(model: nn.Module, train_data, heldout_data=None, config: Optiona
     if rank == 0:
         _atomic_write(out_dir / "summary.json", lambda fh: fh.write(json.dumps(_plain(summary), indent=1).encode()))
     return summary
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (from 0): linear warm-up over ``warmup`` steps, constant,
+    then a linear decay over the last ``decay`` steps (factor ``(steps - step) / (decay + 1)``: each one lower,
+    none 0)."""
+    lr = config.lr
+    if config.warmup:
+        lr *= min(1.0, (step + 1) / config.warmup)
+    if config.decay:
+        lr *= min(1.0, (config.steps - step) / (config.decay + 1))
+    return lr
 
 
 def _q_sample(alpha_bar: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -1124,6 +1145,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--decay", type=int, default=d.decay,
+                   help="lower the learning rate linearly towards 0 over the run's last DECAY steps (0: constant)")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: no clipping)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -1161,6 +1184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     holdout = int(args.holdout) if args.holdout >= 1 else args.holdout
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, warmup=args.warmup,
+        decay=args.decay,
         grad_clip=args.grad_clip if args.grad_clip and args.grad_clip > 0 else None,
         weight_decay=args.weight_decay, seed=args.seed, log_every=args.log_every,
         eval_every=args.eval_every or None, eval_size=args.eval_size, checkpoint_every=args.checkpoint_every or None,
