@@ -4,7 +4,7 @@
 # Results and figures go to benchmarks/results/celeba16-cpu/{ddpm,ddim}; checkpoints stay in $WORK.
 #
 #   CELEBA=/path/to/img_align_celeba_parent bash benchmarks/celeba16_cpu.sh     # about 1.5 h on 2 cores
-#   (plus the distillation levers, steps 3-9: ~2.2 h of training and eight experiments; DISTILLED=0 skips
+#   (plus the distillation levers, steps 3-10: ~2.8 h of training and ten experiments; DISTILLED=0 skips
 #   them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -112,8 +112,10 @@ if [ "${DISTILLED:-1}" = 1 ]; then
   #    blocks) and then distilled exactly like step 3; cpu-m came out closer to the top than step 3's, cpu-xs
   #    (a sixth of the width) farther, so the experiment runs on (step 3's xs, selected m, xl), on the grids
   #    that paid
-  selected_experiment() {  # selected_experiment M_FOLDER NAME TITLE: ML-EM on (step 3's xs, M_FOLDER/level_2, xl)
-    "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-distill/level_0" "$1/level_2" "$WORK/celeba16/level_4" \
+  selected_experiment() {  # selected_experiment M_FOLDER NAME TITLE [XS_FOLDER]: ML-EM on (XS_FOLDER/level_0,
+    #                         default step 3's xs, M_FOLDER/level_2, xl), on THREADS threads (default: torch's)
+    env ${THREADS:+OMP_NUM_THREADS=$THREADS} "$PY" -m multilevel_sde.cli experiment \
+      "${4:-$WORK/celeba16-distill}/level_0" "$1/level_2" "$WORK/celeba16/level_4" \
       --out "$OUT/$2" --samplers ddpm --title "$3" "${ARGS[@]}" --mlem-steps 50,25,10 \
       --stratified inverse-cost,theory,learned --tstitch-steps 50,25 > "$OUT/$2.log" 2>&1
     echo "done: $OUT/$2/report.md"
@@ -130,4 +132,24 @@ if [ "${DISTILLED:-1}" = 1 ]; then
   THREADS=2 distill cpu-m level_2 "$WORK/celeba16-select6k" 6000 1000 1000 --init-from "$TOP"
   selected_experiment "$WORK/celeba16-select6k" ddpm-selected-6k \
     "CelebA 16x16, cpu-xs distilled, cpu-m initialised from cpu-xl's weights and distilled for 6000 steps, DDPM (CPU)"
+
+  # 10. the selected cpu-m trained on to 12000 steps (two threads), then the experiment with step 3's xs and with
+  #     step 5's 12000-step xs, side by side (one thread each); and a learning-rate decay check: the 12000-step
+  #     cpu-m trained on to 13500 steps with a constant rate and with --decay 1500, side by side
+  #     (select-train.json's lr_decay_check)
+  mkdir -p "$WORK/celeba16-select12k"
+  [ -d "$WORK/celeba16-select12k/level_2" ] || cp -r "$WORK/celeba16-select6k/level_2" "$WORK/celeba16-select12k/level_2"
+  THREADS=2 distill cpu-m level_2 "$WORK/celeba16-select12k" 12000 1000 1000 --init-from "$TOP"
+  THREADS=1 selected_experiment "$WORK/celeba16-select12k" ddpm-selected-12k \
+    "CelebA 16x16, cpu-xs distilled, cpu-m initialised from cpu-xl's weights and distilled for 12000 steps, DDPM (CPU)" &
+  THREADS=1 selected_experiment "$WORK/celeba16-select12k" ddpm-selected-12k-xs12k \
+    "CelebA 16x16, cpu-xs distilled for 12000 steps, cpu-m initialised from cpu-xl's weights and distilled for 12000 steps, DDPM (CPU)" \
+    "$WORK/celeba16-distill12k" &
+  wait
+  for decay in 0 1500; do
+    mkdir -p "$WORK/celeba16-decay$decay"
+    [ -d "$WORK/celeba16-decay$decay/level_2" ] || cp -r "$WORK/celeba16-select12k/level_2" "$WORK/celeba16-decay$decay/"
+    distill cpu-m level_2 "$WORK/celeba16-decay$decay" 13500 500 500 --init-from "$TOP" --decay "$decay" &
+  done
+  wait
 fi
