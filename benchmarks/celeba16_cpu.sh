@@ -4,7 +4,7 @@
 # Results and figures go to benchmarks/results/celeba16-cpu/{ddpm,ddim}; checkpoints stay in $WORK.
 #
 #   CELEBA=/path/to/img_align_celeba_parent bash benchmarks/celeba16_cpu.sh     # about 1.5 h on 2 cores
-#   (plus the distillation levers, steps 3-10: ~2.8 h of training and ten experiments; DISTILLED=0 skips
+#   (plus the distillation levers, steps 3-10: ~2.5 h of training and ten ~20-min experiments; DISTILLED=0 skips
 #   them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
