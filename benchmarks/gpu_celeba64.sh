@@ -4,11 +4,13 @@
 #
 #   bash benchmarks/gpu_celeba64.sh                      # on an H200: about 10 minutes
 #   SIZE=16 STEPS=20 HELDOUT=4 TINY=1 DEVICE=cpu bash benchmarks/gpu_celeba64.sh   # CPU smoke test (~3 min)
+#   SELECTED=1 bash benchmarks/gpu_celeba64.sh           # + the weight-selection lever (step 3; more minutes)
 #
 # Settings (environment): CELEBA (a CelebA folder; default: unpack ../shared/data/celeba-10k.tar),
 # OUT (default benchmarks/results/celeba64-gpu), WORK (checkpoints; default a temporary folder), SIZE (64),
 # STEPS (training steps per network), BATCH (training batch), HELDOUT (held-out images), DEVICE (cuda),
-# PRESETS (the ladder), TINY=1 (a minimal experiment for smoke tests).
+# PRESETS (the ladder), TINY=1 (a minimal experiment for smoke tests), SELECTED=1 (step 3: students started from
+# the top network's weights; SELECTED_PRESETS, default paper-2,paper-3: widths 32 and 48 of the top's 96).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,3 +57,27 @@ printf '{"train_seconds": %d, "experiment_seconds": %d, "device": "%s", "command
   $((TRAINED - START)) $((END - TRAINED)) "$DEVICE" "SIZE=$SIZE STEPS=$STEPS BATCH=$BATCH HELDOUT=$HELDOUT bash benchmarks/gpu_celeba64.sh" \
   > "$OUT/timing.json"
 echo "done in $((END - START)) s: $OUT/report.md"
+
+# 3. (SELECTED=1) the lever that paid most on CPU (docs/experiments.md): the two smaller ML-EM networks started
+#    from the top network's weights (weight selection) and distilled from it, with the same budget, then the
+#    same experiment on (both students, the top network) into $OUT/selected
+if [ "${SELECTED:-0}" = "1" ]; then
+  LEVELS=$(echo "$PRESETS" | tr ',' '\n' | grep -c .)
+  TOP="$WORK/ladder/level_$((LEVELS - 1))/checkpoint.pt"
+  STUDENTS=()
+  for preset in $(echo "${SELECTED_PRESETS:-paper-2,paper-3}" | tr ',' ' '); do
+    "$PY" -m multilevel_sde.cli train --preset "$preset" --data "celeba:$CELEBA" --image-size "$SIZE" \
+      --steps "$STEPS" --batch-size "$BATCH" --lr 1e-3 --warmup 100 --eval-every 0 --checkpoint-every 0 \
+      --device "$DEVICE" "${AUTOCAST[@]}" --no-progress --distill-from "$TOP" --init-from "$TOP" \
+      --out "$WORK/selected/$preset" > "$OUT/selected-$preset.json"
+    STUDENTS+=("$WORK/selected/$preset")
+  done
+  SELECTED_TRAINED=$(date +%s)
+  "$PY" -m multilevel_sde.cli experiment "${STUDENTS[@]}" "$TOP" --out "$OUT/selected" --heldout "$HELDOUT" \
+    --device "$DEVICE" --title "CelebA ${SIZE}x${SIZE}, ${SELECTED_PRESETS:-paper-2,paper-3} initialised from the top network's weights and distilled (GPU)" \
+    --no-progress "${SIZES[@]}"
+  SELECTED_END=$(date +%s)
+  printf '{"train_seconds": %d, "experiment_seconds": %d}\n' $((SELECTED_TRAINED - END)) \
+    $((SELECTED_END - SELECTED_TRAINED)) > "$OUT/selected/timing.json"
+  echo "done in $((SELECTED_END - START)) s: $OUT/selected/report.md"
+fi
