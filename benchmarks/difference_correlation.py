@@ -2,8 +2,8 @@
 
 ML-EM estimates each level difference ``D_n = f^l - f^{l-1}`` at step ``n`` by ``(B/p) D_n``; its coin variance
 is ``(1/p - 1) |D_n|^2``. Keeping the last evaluated difference ``S`` (from step ``n - j``) and estimating
-``S + (B/p)(D_n - S)`` stays unbiased (``S`` is known before the coin) and has variance ``(1/p - 1)|D_n - S|^2``:
-it pays only if ``r_j = E|D_n - D_{n-j}|^2 / E|D_n|^2`` is well below 1 at the typical age ``j ~ 1/p``.
+``S + (B/p)(D_n - S)`` stays unbiased with independent coins (``S`` is known before the coin; stratified coins
+depend on the past ones, so there it would bias) and has variance ``(1/p - 1)|D_n - S|^2``: it pays only if ``r_j = E|D_n - D_{n-j}|^2 / E|D_n|^2`` is well below 1 at the typical age ``j ~ 1/p``.
 
 This script measures ``r_j`` along the top network's DDPM trajectory (the states ML-EM visits), for each pair
 of adjacent networks, both for the drift the solver sees and for the clipped ``x0`` estimates inside it.
