@@ -4,7 +4,7 @@
 # Results and figures go to benchmarks/results/celeba16-cpu/{ddpm,ddim}; checkpoints stay in $WORK.
 #
 #   CELEBA=/path/to/img_align_celeba_parent bash benchmarks/celeba16_cpu.sh     # about 1.5 h on 2 cores
-#   (plus the distillation levers, steps 3-10: ~2.5 h of training and ten ~20-min experiments; DISTILLED=0 skips
+#   (plus the distillation levers, steps 3-11: ~2.6 h of training and eleven ~20-min experiments; DISTILLED=0 skips
 #   them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -112,10 +112,10 @@ if [ "${DISTILLED:-1}" = 1 ]; then
   #    blocks) and then distilled exactly like step 3; cpu-m came out closer to the top than step 3's, cpu-xs
   #    (a sixth of the width) farther, so the experiment runs on (step 3's xs, selected m, xl), on the grids
   #    that paid
-  selected_experiment() {  # selected_experiment M_FOLDER NAME TITLE [XS_FOLDER]: ML-EM on (XS_FOLDER/level_0,
-    #                         default step 3's xs, M_FOLDER/level_2, xl), on THREADS threads (default: torch's)
+  selected_experiment() {  # selected_experiment M_FOLDER NAME TITLE [SMALLEST]: ML-EM on (SMALLEST, default step
+    #                         3's xs, M_FOLDER/level_2, xl), on THREADS threads (default: torch's)
     env ${THREADS:+OMP_NUM_THREADS=$THREADS} "$PY" -m multilevel_sde.cli experiment \
-      "${4:-$WORK/celeba16-distill}/level_0" "$1/level_2" "$WORK/celeba16/level_4" \
+      "${4:-$WORK/celeba16-distill/level_0}" "$1/level_2" "$WORK/celeba16/level_4" \
       --out "$OUT/$2" --samplers ddpm --title "$3" "${ARGS[@]}" --mlem-steps 50,25,10 \
       --stratified inverse-cost,theory,learned --tstitch-steps 50,25 > "$OUT/$2.log" 2>&1
     echo "done: $OUT/$2/report.md"
@@ -144,7 +144,7 @@ if [ "${DISTILLED:-1}" = 1 ]; then
     "CelebA 16x16, cpu-xs distilled, cpu-m initialised from cpu-xl's weights and distilled for 12000 steps, DDPM (CPU)" &
   THREADS=1 selected_experiment "$WORK/celeba16-select12k" ddpm-selected-12k-xs12k \
     "CelebA 16x16, cpu-xs distilled for 12000 steps, cpu-m initialised from cpu-xl's weights and distilled for 12000 steps, DDPM (CPU)" \
-    "$WORK/celeba16-distill12k" &
+    "$WORK/celeba16-distill12k/level_0" &
   wait
   for decay in 0 1500; do
     mkdir -p "$WORK/celeba16-decay$decay"
@@ -152,4 +152,12 @@ if [ "${DISTILLED:-1}" = 1 ]; then
     distill cpu-m level_2 "$WORK/celeba16-decay$decay" 13500 500 500 --init-from "$TOP" --decay "$decay" &
   done
   wait
+
+  # 11. a closer smallest rung? cpu-s started from the top network's weights (r = 3) ends farther from it than
+  #     step 6's random-start distilled cpu-s (select-train.json), so the experiment runs on (step 6's s, step
+  #     10's m, xl)
+  THREADS=2 distill cpu-s level_1 "$WORK/celeba16-select-s" 3000 1000 500 --init-from "$TOP"
+  selected_experiment "$WORK/celeba16-select12k" ddpm-selected-12k-s \
+    "CelebA 16x16, cpu-s distilled, cpu-m initialised from cpu-xl's weights and distilled for 12000 steps, DDPM (CPU)" \
+    "$WORK/celeba16-distill/level_1"
 fi
