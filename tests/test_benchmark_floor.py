@@ -2,29 +2,17 @@
 precomputed must make the library's very level calls and give its very estimate, or it is no floor of the
 same work."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 import multilevel_sde as mlsde
-from helpers import DTYPE, affine_ladder
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
-
-
-def _overhead():
-    spec = importlib.util.spec_from_file_location("overhead_benchmark", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import DTYPE, affine_ladder, load_benchmark
 
 
 @pytest.mark.parametrize("coupling", ["batch", "sample"])
 @pytest.mark.parametrize("probabilities", [[1.0, 1.0, 1.0], [1.0, 0.5, 0.25]])
 def test_minimal_step_replays_the_solve_exactly(coupling, probabilities):
-    overhead = _overhead()
+    overhead = load_benchmark("overhead")
     levels, _, _ = affine_ladder(3, 4, 0)
     drift = mlsde.MultilevelDrift(levels, probabilities, costs=[1, 2, 4], coupling=coupling, seed=0)
     sde = mlsde.MultilevelSDE(drift, 0.5, dt=0.05)

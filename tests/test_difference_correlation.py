@@ -1,9 +1,6 @@
 """The control-variate measurement (``benchmarks/difference_correlation.py``): ``r_j`` and the trajectory's
 alignment of states with step times."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,19 +9,13 @@ from multilevel_sde.diffusion.levels import DenoiserLevel
 from multilevel_sde.diffusion.sample import initial_noise
 from multilevel_sde.diffusion.schedule import NoiseSchedule, StepGrid, respaced_timesteps
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "difference_correlation.py"
+from helpers import load_benchmark
+
 SHAPE = (1, 8, 8)
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("difference_correlation", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_relative_change_of_known_sequences():
-    rc = _module().relative_change
+    rc = load_benchmark("difference_correlation").relative_change
     base = torch.randn(1, 3, 5, generator=torch.Generator().manual_seed(0))
     assert rc(base.repeat(6, 1, 1), 1) == 0.0  # a difference that never changes: a perfect control variate
     alternating = base * torch.tensor([1.0, -1.0] * 3).reshape(6, 1, 1)
@@ -34,7 +25,7 @@ def test_relative_change_of_known_sequences():
 
 
 def test_differences_start_at_the_initial_noise_with_one_row_per_step():
-    module = _module()
+    module = load_benchmark("difference_correlation")
     models = [build_unet(p, in_channels=1, image_size=8, seed=i).eval() for i, p in enumerate(("cpu-xs", "cpu-s"))]
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # untrained UNets have zero output layers: perturb them so the levels differ

@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -223,7 +224,7 @@ def test_interrupted_run_resumes_bit_identically(tmp_path):
     _ckpt_equal(a, torch.load(tmp_path / "ext" / "checkpoint.pt", weights_only=True))
 
 
-def test_learning_rate_warms_up_holds_and_decays_to_zero(tmp_path):
+def test_learning_rate_warms_up_holds_and_decays_towards_zero(tmp_path):
     cfg = small_config(steps=20, lr=1e-2, warmup=4, decay=5)
     lrs = [learning_rate(cfg, step) for step in range(20)]
     assert lrs[:4] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])
@@ -243,8 +244,6 @@ def test_resuming_a_checkpoint_written_before_decay_existed_warns_of_nothing(tmp
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     del ckpt["train_config"]["decay"]  # as written by an older version
     torch.save(ckpt, tmp_path / "checkpoint.pt")
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train_level(TinyEps(), train, held, small_config(steps=6), tmp_path)
