@@ -35,6 +35,7 @@ class UniformStream:
         self._array: Optional[np.ndarray] = None  # the buffer's memory seen by numpy (slicing it is cheaper)
         self._floats: Optional[list] = None
         self._pos = 0
+        self._codes: Optional[_CodeBlock] = None
 
     def _ensure(self, n: int) -> None:
         left = 0 if self._buffer is None else self._buffer.numel() - self._pos
@@ -42,7 +43,7 @@ class UniformStream:
             return
         fresh = torch.rand(max(self.block, n - left), generator=self.generator, dtype=torch.float64)
         self._buffer = fresh if left == 0 else torch.cat([self._buffer[self._pos:], fresh])
-        self._array, self._floats, self._pos = self._buffer.numpy(), None, 0
+        self._array, self._floats, self._pos, self._codes = self._buffer.numpy(), None, 0, None
 
     def _take(self, n: int) -> slice:
         """Where the next ``n`` uniforms lie in the buffer (refilled when needed); advances past them."""
@@ -66,6 +67,38 @@ class UniformStream:
         if self._floats is None:  # the buffer as Python floats, once per refill
             self._floats = self._buffer.tolist()
         return self._floats[where]
+
+    def next_code(self, key: object, thresholds: np.ndarray, bits: np.ndarray, base: int) -> int:
+        """The next ``n = len(thresholds)`` uniforms ``u`` compared with ``thresholds``, as one integer:
+        ``base + sum(bits[i] for i with u_i < thresholds[i])``. The comparisons for the rest of the buffer are
+        made at once (one numpy call) and handed out step by step while the same ``key`` asks for codes back
+        to back; any other request in between, or another key, starts a fresh block. The stream advances
+        exactly as ``numpy(n)`` would."""
+        block = self._codes
+        if block is not None and block.key is key and block.pos == self._pos and block.next < len(block.codes):
+            code = block.codes[block.next]
+            block.next += 1
+            block.pos = self._pos = self._pos + block.width
+            return code
+        n = len(thresholds)
+        self._ensure(n)
+        steps = (self._buffer.numel() - self._pos) // n
+        window = self._array[self._pos:self._pos + steps * n].reshape(steps, n)
+        codes = ((window < thresholds) @ bits + base).tolist()
+        self._codes = _CodeBlock(key, n, codes, next=1, pos=self._pos + n)
+        self._pos += n
+        return codes[0]
+
+
+@dataclass
+class _CodeBlock:
+    """Codes precomputed by ``UniformStream.next_code`` for one key, and where the stream must be to use them."""
+
+    key: object
+    width: int  # uniforms per code
+    codes: list
+    next: int  # index of the next code to hand out
+    pos: int  # stream position at which codes[next] starts
 
 
 class CoinScheme:

@@ -9,7 +9,9 @@ to the last bit. The drift knows nothing of steppers.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -145,10 +147,14 @@ class MultilevelDrift(nn.Module):
         self.check_finite = bool(check_finite)
         self.prune_certain = bool(prune_certain)
         costs_vec = _validate_costs(costs, self.num_levels)
-        self.stats = Stats(self.num_levels, costs=None if costs_vec is None else costs_vec.tolist())
+        self._stats = Stats(self.num_levels, costs=None if costs_vec is None else costs_vec.tolist())
         self._costs = costs_vec
         self._plan_cache: dict = {}
+        self._last_plan: Optional[tuple] = None  # (schedule, step-size key, token, plan) of the last cached plan
         self._trackers: list[Stats] = []
+        self._stats_targets: tuple[Stats, ...] = (self._stats,)  # what each step and level call is recorded in
+        self._fast: Optional[_FastBatch] = None  # the steady batch-coupling path (_sample_fast)
+        self._step_log: Optional[StepLog] = None  # set by deferred_checks()
         self._recording = False
         self.recorded: list[CoinRecord] = []
 
@@ -169,13 +175,20 @@ class MultilevelDrift(nn.Module):
 
     @property
     def cost_unit(self) -> str:
-        return self.stats.cost_unit
+        return self._stats.cost_unit
 
     def set_costs(self, costs: Sequence[float], unit: str = "given") -> None:
         self._costs = _validate_costs(costs, self.num_levels)
-        self._plan_cache = {}
-        for stats in (self.stats, *self._trackers):
+        self._plan_cache, self._last_plan = {}, None
+        for stats in self._stats_targets:
             stats.costs, stats.cost_unit = self._costs.tolist(), unit
+
+    def __setattr__(self, name: str, value) -> None:
+        """Any attribute set (coupling, coins, base, recording, costs, schedule, trackers, ...) ends the fast
+        path, whose statistics are first folded into the ``Stats`` objects it counted for."""
+        if self.__dict__.get("_fast") is not None:
+            self._drop_fast()
+        super().__setattr__(name, value)
 
     def measure_costs(self, t: TimeLike, y: torch.Tensor) -> torch.Tensor:
         """Measures and sets the per-sample costs on an example state ``y`` (FLOPs, else seconds)."""
@@ -222,21 +235,40 @@ class MultilevelDrift(nn.Module):
         return torch.stack([r.probabilities for r in self.recorded])
 
     # -- statistics ---------------------------------------------------------------------------------
+    @property
+    def stats(self) -> Stats:
+        """The statistics accumulated over all calls (up to date whenever read)."""
+        self._flush_fast()
+        return self._stats
+
     def reset_stats(self) -> None:
-        self.stats.reset()
+        self._flush_fast()
+        self._stats.reset()
 
     @contextlib.contextmanager
     def track(self) -> Iterator[Stats]:
         """Collects the statistics of the calls made inside the block into a fresh ``Stats``."""
-        stats = Stats(self.num_levels, costs=self.stats.costs, cost_unit=self.stats.cost_unit, seed=self.seed)
+        stats = Stats(self.num_levels, costs=self._stats.costs, cost_unit=self._stats.cost_unit, seed=self.seed)
         self._trackers.append(stats)
+        self._stats_targets = (self._stats, *self._trackers)  # __setattr__ first folds the fast path's counts
         try:
             yield stats
         finally:
             self._trackers.remove(stats)
+            self._stats_targets = (self._stats, *self._trackers)
 
     def _all_stats(self) -> tuple[Stats, ...]:
-        return (self.stats, *self._trackers)
+        self._flush_fast()
+        return self._stats_targets
+
+    def _flush_fast(self) -> None:
+        fast = self.__dict__.get("_fast")
+        if fast is not None and fast.counts:
+            fast.flush(self._stats_targets)
+
+    def _drop_fast(self) -> None:
+        self._flush_fast()
+        self.__dict__["_fast"] = None
 
     # -- probabilities ------------------------------------------------------------------------------
     def probabilities_at(self, t: TimeLike, dt: Optional[float], costs: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -313,8 +345,7 @@ class MultilevelDrift(nn.Module):
         out = level(t, y)
         seconds = time.perf_counter() - start
         rows = y.shape[0]
-        self.stats.record_level(m, rows, seconds)  # the work ran: it is paid for even if its output is refused
-        for stats in self._trackers:
+        for stats in self._stats_targets:  # the work ran: it is paid for even if its output is refused
             stats.record_level(m, rows, seconds)
         if out.__class__ is not torch.Tensor or out.shape != y.shape or out.dtype != y.dtype or out.device != y.device:
             self._check_output(out, y, f"level {m + 1}", t)  # one comparison chain on the hot path; names on failure
@@ -404,16 +435,16 @@ class MultilevelDrift(nn.Module):
             coins[list(uncertain)] = u < p[list(uncertain)]
         return coins
 
-    def _batch_coins(self, plan: "_StepPlan") -> list:
-        """One coin per level as Python bools (``coupling="batch"``), advancing the step counter."""
+    def _batch_code(self, plan: "_StepPlan") -> int:
+        """One coin per level for the whole batch, as an integer (bit ``m``: the coin of level ``m + 1``),
+        advancing the step counter. Independent coins come from ``UniformStream.next_code``: the same
+        uniforms, compared with ``p`` many steps at a time."""
         if not self._buffered_coins():
-            return self.draw_coins(plan.p_host, 1).tolist()
+            return _code_of(self.draw_coins(plan.p_host, 1).tolist())
         self.__dict__["_step"] = self._step + 1
-        coins = [True] * len(plan.p_list)
-        if plan.uncertain:
-            for level, u in zip(plan.uncertain, self._uniforms.floats(len(plan.uncertain))):
-                coins[level] = u < plan.p_list[level]
-        return coins
+        if not plan.uncertain:
+            return plan.code_base
+        return self._uniforms.next_code(plan, plan.code_thresholds, plan.code_bits, plan.code_base)
 
     def _sample_coins(self, plan: "_StepPlan", batch: int) -> np.ndarray:
         """One coin per level and sample, bool ``(k, batch)`` (``coupling="sample"``)."""
@@ -432,36 +463,151 @@ class MultilevelDrift(nn.Module):
             a tensor like ``y``, differentiable in ``y``, the levels' parameters and the schedule's
             parameters (through the ``1/p`` weights, in reverse and forward mode).
         """
-        self._check_state(y)
+        fast = self._fast  # the steady state of a solve: the same plan, batch size and kind of time as last step
+        if (fast is not None and y.__class__ is torch.Tensor and y.dim() != 0 and y.shape[0] == fast.batch
+                and (fast.dt is None or fast.dt == dt) and (t.__class__ is not torch.Tensor or t.dim() == 0)
+                and (fast.schedule_fixed or fast.token == fast.schedule.cache_token())):
+            return self._sample_fast(t, y, fast)
+        if y.__class__ is not torch.Tensor or y.dim() < 1 or y.shape[0] == 0:
+            self._check_state(y)
+        log = self._step_log
+        if log is not None and log.replay is not None:
+            return self._replay_step(t, y, log)
         costs = self._costs if self._costs is not None else self._require_costs(t, y)
         plan = self._step_plan(t, dt, costs)
         batch = y.shape[0]
-        scale = batch if plan.p_host.dim() == 1 else 1
-        self.stats.record_step(batch, plan.expected * scale, plan.theory * scale)
-        for stats in self._trackers:
+        if self._fast_path_fits(t, plan):
+            return self._sample_fast(t, y, self._start_fast(plan, batch))
+        scale = batch if plan.one_coin_shape else 1
+        for stats in self._stats_targets:
             stats.record_step(batch, plan.expected * scale, plan.theory * scale)
-        one_coin = self.coupling == "batch" or (not plan.uncertain and plan.p_host.dim() == 1 and self._buffered_coins())
-        if one_coin and not plan.attached:  # one coin per level (every p = 1 makes per-sample coins all heads)
-            coins = self._batch_coins(plan)
-            if self._recording:
-                record = torch.tensor(coins, dtype=torch.bool)
-                self._record(t, dt, plan, record if self.coupling == "batch" else record[:, None].repeat(1, batch))
-            if self.base is None and not any(coins):
-                return torch.zeros_like(y)  # no coin came up: nothing to evaluate (the common case for small dt)
-            out, outputs = self._combine_batch_floats(t, y, coins, plan)
-        elif not plan.attached:  # per-sample coins worked out on the host
-            coins = self._sample_coins(plan, batch)
-            if self._recording:
-                self._record(t, dt, plan, torch.from_numpy(coins.copy()))
-            if self.base is None and not coins.any():
-                return torch.zeros_like(y)
-            out, outputs = self._combine_sample_host(t, y, coins, plan)
-        else:
-            coins = self.draw_coins(plan.p_host, batch)
-            if self._recording:
-                self._record(t, dt, plan, coins.clone())
-            out, outputs = self._combine_attached(t, y, coins, plan)
+        coins = self._draw(t, dt, plan, batch)
+        out, outputs = self._estimate(t, y, coins, plan)
+        if log is not None and log.checking:  # a solver checks its state instead (deferred_checks)
+            log.entries.append((coins, plan))
+            return out
         if self.check_finite and outputs and not _all_finite(out):
+            self._raise_non_finite(t, y, outputs)
+        return out
+
+    def _draw(self, t: TimeLike, dt: Optional[float], plan: "_StepPlan", batch: int):
+        """The coins of one step: an ``int`` code with one coin per level (batch coupling, or per-sample
+        coupling where every sample's coins are certain), a bool ``(k, batch)`` array (per-sample coins), or
+        a bool tensor (probabilities that carry a gradient); recorded when ``record_coins`` is on."""
+        if plan.attached:
+            coins = self.draw_coins(plan.p_host, batch)
+            record = coins.clone() if self._recording else None
+        elif self.coupling == "batch" or (not plan.uncertain and plan.one_coin_shape and self._buffered_coins()):
+            coins = self._batch_code(plan)
+            if self._recording:
+                record = torch.tensor([(coins >> m) & 1 for m in range(self.num_levels)], dtype=torch.bool)
+                record = record if self.coupling == "batch" else record[:, None].repeat(1, batch)
+        else:
+            coins = self._sample_coins(plan, batch)
+            record = torch.from_numpy(coins.copy()) if self._recording else None
+        if self._recording:
+            self._record(t, dt, plan, record)
+        return coins
+
+    def _estimate(self, t: TimeLike, y: torch.Tensor, coins, plan: "_StepPlan"):
+        """``(estimate, {level: output})`` for the coins of ``_draw``."""
+        if plan.attached:
+            return self._combine_attached(t, y, coins, plan)
+        if coins.__class__ is int:
+            if coins == 0 and self.base is None:
+                return torch.zeros_like(y), {}  # no coin came up: nothing to evaluate (common for small dt)
+            return self._combine_batch_floats(t, y, coins, plan)
+        if self.base is None and not coins.any():
+            return torch.zeros_like(y), {}
+        return self._combine_sample_host(t, y, coins, plan)
+
+    # -- the fast path ------------------------------------------------------------------------------
+    def _fast_path_fits(self, t: TimeLike, plan: "_StepPlan") -> bool:
+        """Whether the steps of ``plan`` can take ``_sample_fast``: one coin per level for the whole batch (batch
+        coupling, or every coin certain), independent coins, no base, no recording, no replay, scalar time, a
+        plan reused from the previous step (``_last_plan``)."""
+        last = self._last_plan
+        return (last is not None and last[3] is plan and (self.coupling == "batch" or not plan.uncertain)
+                and self.base is None
+                and not self._recording and self._buffered_coins() and plan.one_coin_shape and not plan.attached
+                and (self._step_log is None or self._step_log.replay is None)
+                and (t.__class__ is not torch.Tensor or t.dim() == 0))
+
+    def _start_fast(self, plan: "_StepPlan", batch: int) -> "_FastBatch":
+        schedule, step_key, token, _ = self._last_plan
+        if self._fast is not None:
+            self._drop_fast()
+        fast = _FastBatch(plan, schedule, step_key, token, batch, self.num_levels)
+        fast.schedule_fixed = self._step_log is not None and self._step_log.schedule_fixed
+        self.__dict__["_fast"] = fast
+        return fast
+
+    def _sample_fast(self, t: TimeLike, y: torch.Tensor, fast: "_FastBatch") -> torch.Tensor:
+        """One step of the steady batch-coupling path: the general path's estimate, coins and checks, with the
+        statistics kept as counts per coin pattern (``_FastBatch.flush``) and no per-step lookups."""
+        plan = fast.plan
+        code = self._uniforms.next_code(plan, plan.code_thresholds, plan.code_bits, plan.code_base) \
+            if plan.uncertain else plan.code_base  # _batch_code, inlined (the fast path has independent coins)
+        self.__dict__["_step"] = self._step + 1
+        recipe = plan.recipes.get(code) or self._recipe(plan, code)
+        fast.counts[code] += 1
+        modules, wall, perf_counter = self._modules["levels"]._modules, fast.wall, time.perf_counter
+        shape, dtype, device = y.shape, y.dtype, y.device
+        outputs = {}
+        for m, name in recipe.modules:  # the top level first
+            start = perf_counter()
+            try:
+                f_m = modules[name](t, y)
+            except BaseException:
+                fast.fail(code, outputs, self._stats_targets)  # what ran before it stays counted
+                raise
+            wall[m] += perf_counter() - start
+            outputs[m + 1] = f_m
+            if f_m.__class__ is not torch.Tensor or f_m.shape != shape or f_m.dtype != dtype or f_m.device != device:
+                fast.fail(code, outputs, self._stats_targets)
+                self._check_output(f_m, y, f"level {m + 1}", t)
+        out = _combine_ordered(recipe.terms, outputs)
+        if out is None:
+            out = torch.zeros_like(y)
+        log = self._step_log
+        if log is not None and log.checking:  # a solver checks its state instead (deferred_checks)
+            log.entries.append((code, plan))
+        elif self.check_finite and outputs and not _all_finite(out):
+            self._raise_non_finite(t, y, outputs)
+        return out
+
+    # -- deferred finiteness checks -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def deferred_checks(self, schedule_fixed: bool = False) -> Iterator[Optional["StepLog"]]:
+        """For a solver that checks its own state instead of every estimate (``solvers/euler.py``).
+
+        Inside the block ``sample`` skips its per-step finiteness check (a reduction over the estimate, and a
+        host synchronisation, every step) and logs each step's coins in the yielded ``StepLog``; the solver
+        checks its state every few steps, and when the state is not finite, replays the steps since its last
+        good check with ``log.replaying()``, which checks each estimate as ``sample`` does and so names the
+        level and the time at fault. Yields None (nothing logged, nothing to check) when ``check_finite`` is
+        off or another solver already defers.
+
+        ``schedule_fixed``: nothing but the solve runs until the block ends (no callback), so a time-independent
+        schedule read at the first step cannot change: later steps skip comparing its ``cache_token()``."""
+        if self._step_log is not None:
+            yield None
+            return
+        log = StepLog(self, schedule_fixed, checking=self.check_finite)
+        self._step_log = log  # a fresh fast path starts at the first step (__setattr__), with the schedule read
+        try:
+            yield log if log.checking else None
+        finally:
+            self._step_log = None
+
+    def _replay_step(self, t: TimeLike, y: torch.Tensor, log: "StepLog") -> torch.Tensor:
+        """The next logged step again, its estimate checked (``StepLog.replaying``)."""
+        if log.replay >= len(log.entries):
+            raise RuntimeError(f"the replay asked for step {log.replay + 1}, but only {len(log.entries)} are logged")
+        coins, plan = log.entries[log.replay]
+        log.replay += 1
+        out, outputs = self._estimate(t, y, coins, plan)
+        if outputs and not _all_finite(out):
             self._raise_non_finite(t, y, outputs)
         return out
 
@@ -474,6 +620,11 @@ class MultilevelDrift(nn.Module):
         depend on the step size), for as long as the schedule's ``cache_token()`` (else its ``extra_repr()``)
         stays the same."""
         schedule = self._modules["probabilities"]
+        last = self._last_plan  # the previous step's (schedule, dt, token, plan), checked first: the usual case
+        scalar_t = t.__class__ is not torch.Tensor or t.dim() == 0
+        if (last is not None and last[0] is schedule and (last[1] is None or last[1] == dt) and scalar_t
+                and last[2] == schedule.cache_token()):
+            return last[3]
         cacheable = not getattr(schedule, "time_dependent", True)
         if cacheable:
             token = schedule.cache_token() if hasattr(schedule, "cache_token") else schedule.extra_repr()
@@ -481,12 +632,14 @@ class MultilevelDrift(nn.Module):
             key = (dt if getattr(schedule, "step_dependent", True) else None, shape, token)
             plan = self._plan_cache.get(key)
             if plan is not None:
+                self._remember_plan(schedule, key[0], token, plan, scalar_t)
                 return plan
         p = self.probabilities_at(t, dt, costs)
         p_host = p.detach().to("cpu", torch.float64)
         column = costs.reshape(-1, *([1] * (p_host.dim() - 1)))
         cancel = self._cancelling(p_host)
         p_numpy = p_host.numpy() if p_host.dim() == 2 else p_host.numpy()[:, None]
+        uncertain = _uncertain_rows(p_numpy)
         plan = _StepPlan(
             p=p,
             p_host=p_host,
@@ -497,31 +650,49 @@ class MultilevelDrift(nn.Module):
             cancel=cancel,
             cancel_list=cancel.tolist(),
             keep_numpy=~(cancel.numpy() if cancel.dim() == 2 else cancel.numpy()[:, None]),
-            uncertain=_uncertain_rows(p_numpy),
+            uncertain=uncertain,
             attached=p.requires_grad or fwAD.unpack_dual(p).tangent is not None,
+            one_coin_shape=p_host.dim() == 1,
         )
+        if plan.one_coin_shape:  # the integer coin codes of _batch_code
+            plan.code_thresholds = p_numpy[list(uncertain), 0]
+            plan.code_bits = np.array([1 << m for m in uncertain], dtype=np.int64 if self.num_levels < 63 else object)
+            plan.code_base = sum(1 << m for m in range(self.num_levels) if m not in uncertain)
         if cacheable and not plan.attached:
             if len(self._plan_cache) >= _PLAN_CACHE_SIZE:  # a non-uniform grid of a dt-dependent schedule
                 self._plan_cache.clear()
             self._plan_cache[key] = plan
+            self._remember_plan(schedule, key[0], token, plan, scalar_t)
         return plan
 
-    def _combine_batch_floats(self, t, y, coins: list, plan: "_StepPlan"):
-        """``sum_m c_m f^m`` with one coin per level; which levels run and their float coefficients depend only
-        on the coins, so they are worked out once per coin pattern of a plan (``_batch_recipe``)."""
-        key = (*coins, self.base is None)  # a base set after the plan was cached gets recipes of its own
-        recipe = plan.recipes.get(key)
-        if recipe is None:
-            recipe = plan.recipes[key] = self._batch_recipe(coins, plan)
+    def _remember_plan(self, schedule, step_key, token, plan: "_StepPlan", scalar_t: bool) -> None:
+        """Keeps ``plan`` for the next step (at the same ``dt`` unless ``step_key`` is None: a schedule that
+        ignores the step size), for scalar times and schedules with a ``cache_token``."""
+        if scalar_t and hasattr(schedule, "cache_token"):
+            self.__dict__["_last_plan"] = (schedule, step_key, token, plan)
+
+    def _combine_batch_floats(self, t, y, code: int, plan: "_StepPlan"):
+        """``sum_m c_m f^m`` with one coin per level (``code``, from ``_batch_code``); which levels run and their
+        float coefficients depend only on the coins, so they are worked out once per coin pattern of a plan
+        (``_batch_recipe``)."""
+        recipe = self._recipe(plan, code)
         levels = self._level_modules()
         outputs = {}
         for m in recipe.evaluate:  # the top level first
             outputs[m + 1] = self._evaluate(m, t, y, levels[m])
         if self.base is not None:
             outputs[0] = self._evaluate_base(t, y)
-        if not recipe.terms:
-            return torch.zeros_like(y), outputs
-        return _combine_ordered([(outputs[j], c) for j, c in recipe.terms]), outputs
+        out = _combine_ordered(recipe.terms, outputs)
+        return (torch.zeros_like(y) if out is None else out), outputs
+
+    def _recipe(self, plan: "_StepPlan", code: int) -> "_BatchRecipe":
+        """The recipe of one coin pattern of ``plan``, worked out on its first use."""
+        key = code if self.base is None else (code, "base")  # a base set after the plan was cached
+        recipe = plan.recipes.get(key)
+        if recipe is None:
+            coins = [(code >> m) & 1 == 1 for m in range(self.num_levels)]
+            recipe = plan.recipes[key] = self._batch_recipe(coins, plan)
+        return recipe
 
     def _batch_recipe(self, coins: list, plan: "_StepPlan") -> "_BatchRecipe":
         """The levels one coin pattern evaluates (``m`` from 0, top first) and the terms ``(j, c_j)`` of its sum
@@ -533,7 +704,8 @@ class MultilevelDrift(nn.Module):
         terms = [(m + 1, weights[m] - weights[m + 1]) for m in evaluate]
         if self.base is not None:  # F = f^0 + sum_l w_l (f^l - f^{l-1}): f^0 enters with 1 - w_1
             terms.append((0, 1.0 - weights[0]))
-        return _BatchRecipe(evaluate=evaluate, terms=_start_with_unit(terms))
+        return _BatchRecipe(evaluate=evaluate, terms=_start_with_unit(terms),
+                            modules=[(m, str(m)) for m in evaluate])
 
     def _combine_sample_host(self, t, y, drawn: np.ndarray, plan: "_StepPlan"):
         """Per-sample coins, nothing to differentiate: coefficients and sub-batches are worked out on the host
@@ -663,13 +835,91 @@ class _StepPlan:
     p_numpy: np.ndarray = None  # float64 (k, 1) or (k, batch)
     keep_numpy: np.ndarray = None  # bool, ~cancel, shaped like p_numpy
     uncertain: tuple = ()  # levels whose coin is not certain (p < 1 for some sample)
-    recipes: dict = field(default_factory=dict)  # (*coins, no base) -> _BatchRecipe (coupling="batch")
+    one_coin_shape: bool = True  # p is (k,): one probability per level for the whole batch
+    code_thresholds: np.ndarray = None  # p of the uncertain levels (one_coin_shape only)
+    code_bits: np.ndarray = None  # 1 << m for each uncertain level m
+    code_base: int = 0  # the bits of the certain levels
+    recipes: dict = field(default_factory=dict)  # coin code (with the base: (code, "base")) -> _BatchRecipe
+
+
+class StepLog:
+    """The coins of each step since a solver's last good check (``MultilevelDrift.deferred_checks``)."""
+
+    def __init__(self, drift: "MultilevelDrift", schedule_fixed: bool = False, checking: bool = True):
+        self.drift = drift
+        self.schedule_fixed = schedule_fixed  # see MultilevelDrift.deferred_checks
+        self.checking = checking  # False: check_finite is off, nothing is logged or checked
+        self.entries: list = []  # (coins, plan) per step
+        self.replay: Optional[int] = None  # index of the next entry to replay, while replaying
+
+    def clear(self) -> None:
+        """Forgets the logged steps (the solver's state after them was found finite)."""
+        self.entries.clear()
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Inside the block, the drift's ``sample`` calls replay the logged steps in order (same coins, same
+        probabilities), each estimate checked, without counting them in the statistics again."""
+        self.drift._drop_fast()  # the replayed steps take the general path
+        saved = [copy.deepcopy(stats.__dict__) for stats in self.drift._stats_targets]
+        self.replay = 0
+        try:
+            yield
+        finally:
+            self.replay = None
+            for stats, fields in zip(self.drift._stats_targets, saved):
+                stats.__dict__.update(fields)
+
+
+class _FastBatch:
+    """What ``MultilevelDrift._sample_fast`` needs for the steps of one plan and batch size, and what it counted:
+    steps per coin pattern and seconds per level, folded into ``Stats`` objects by ``flush``."""
+
+    __slots__ = ("plan", "schedule", "dt", "token", "batch", "counts", "wall", "schedule_fixed")
+
+    def __init__(self, plan: "_StepPlan", schedule, dt: Optional[float], token, batch: int, num_levels: int):
+        self.plan, self.schedule, self.dt, self.token, self.batch = plan, schedule, dt, token, batch
+        self.schedule_fixed = False  # True within a solve that runs nothing else (no cache_token check per step)
+        self.counts: collections.defaultdict = collections.defaultdict(int)  # coin code -> steps
+        self.wall = [0.0] * num_levels
+
+    def flush(self, targets: Sequence[Stats]) -> None:
+        """Adds the counted steps (their evaluations, calls, expected and theory costs) and seconds to every
+        ``Stats`` in ``targets`` and starts counting afresh."""
+        plan, batch, k = self.plan, self.batch, len(self.wall)
+        done = Stats(k, wall_time=self.wall)
+        for code, steps in self.counts.items():
+            for m in plan.recipes[code].evaluate:
+                done.evaluations[m] += steps * batch
+                done.calls[m] += steps
+            done.steps += steps
+        done.samples = done.steps * batch
+        done.expected_cost = plan.expected * batch * done.steps
+        done.theory_cost = plan.theory * batch * done.steps
+        for stats in targets:
+            stats.add(done)
+        self.counts.clear()
+        self.wall = [0.0] * k
+
+    def fail(self, code: int, outputs: dict, targets: Sequence[Stats]) -> None:
+        """A level of the step of ``code`` failed: that step counts only the levels that returned (``outputs``)."""
+        self.counts[code] -= 1
+        for stats in targets:
+            stats.record_step(self.batch, self.plan.expected * self.batch, self.plan.theory * self.batch)
+            for level in outputs:
+                stats.record_level(level - 1, self.batch, 0.0)  # their seconds are in self.wall
 
 
 @dataclass
 class _BatchRecipe:
     evaluate: list  # levels to evaluate (m from 0), top first
     terms: list  # (j, c_j): output j (0 the base, m + 1 level m) with its coefficient, in the order of the sum
+    modules: list  # (m, key of level m in the levels' ModuleList), as evaluate
+
+
+def _code_of(coins: list) -> int:
+    """Per-level bools as an integer: bit ``m`` is the coin of level ``m + 1``."""
+    return sum(1 << m for m, c in enumerate(coins) if c)
 
 
 def _uncertain_rows(p: np.ndarray) -> tuple:
@@ -693,21 +943,22 @@ def _accumulate(out: Optional[torch.Tensor], owned: bool, f: torch.Tensor, coeff
     return torch.add(out, f, alpha=coefficient), True
 
 
+def _combine_ordered(terms: list, outputs) -> Optional[torch.Tensor]:
+    """``sum c_j * outputs[j]`` over ``terms = [(j, c_j), ...]`` (``c_j`` floats; None for no terms), accumulated
+    in the given order: the first term as it is when its ``c`` is 1 (the output itself for a single such term),
+    each other one with one fused ``add(f, alpha=c)``, in place on the sum once it is a tensor of our own, never
+    on a level's output."""
+    out, owned = None, False
+    for j, c in terms:
+        out, owned = _accumulate(out, owned, outputs[j], c)
+    return out
+
+
 def _start_with_unit(terms: list) -> list:
     """``terms`` (pairs whose second entry is a float coefficient) with the first one whose coefficient is 1
-    moved to the front, so that ``_combine_ordered`` starts the sum without a multiply."""
-    start = next((i for i, (_, c) in enumerate(terms) if c == 1.0), 0)
-    return [terms[start], *terms[:start], *terms[start + 1:]]
-
-
-def _combine_ordered(terms: list) -> torch.Tensor:
-    """``sum c * f`` over ``terms = [(f, c), ...]`` (``c`` floats), accumulated in the given order: the first
-    term as it is when its ``c`` is 1 (``f`` itself for a single such term), each other one with one fused
-    ``add(f, alpha=c)``, in place on the sum once it is a tensor of our own, never on a level's output."""
-    out, owned = None, False
-    for f, c in terms:
-        out, owned = _accumulate(out, owned, f, c)
-    return out
+    moved to the front, so that the sum starts without a multiply (``_accumulate``)."""
+    start = next((i for i, (_, c) in enumerate(terms) if c == 1.0), None)
+    return terms if start is None else [terms[start], *terms[:start], *terms[start + 1:]]
 
 
 def _accumulate_rows(out: Optional[torch.Tensor], owned: bool, f: torch.Tensor, coefficients: np.ndarray,

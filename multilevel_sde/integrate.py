@@ -83,7 +83,10 @@ class _SDEProtocol:
         if self._g is None and self._g_prod is None and self._f_and_g_prod is None:
             raise ValueError(f"sde must define {g_name!r}, g_prod or f_and_g_prod")
         self.multilevel: Optional[MultilevelDrift] = getattr(sde, "multilevel", None)
-        if self._f_step is not None and type(sde).f_step is MultilevelSDE.f_step and self.multilevel is not None:
+        # True when each drift call is exactly one MultilevelDrift.sample (its finiteness checks may be deferred)
+        self.samples_multilevel = (self._f_step is not None and type(sde).f_step is MultilevelSDE.f_step
+                                   and self.multilevel is not None)
+        if self.samples_multilevel:
             self._f_step = self.multilevel.sample  # what MultilevelSDE.f_step calls, without its per-step lookups
 
     def drift(self, t, y, h):
@@ -138,6 +141,14 @@ def _user_grid(grid, ts_host: np.ndarray, np_dtype) -> np.ndarray:
 
 def _stats_context(multilevel: Optional[MultilevelDrift]):
     return multilevel.track() if multilevel is not None else contextlib.nullcontext(None)
+
+
+def _deferred_checks(multilevel: Optional[MultilevelDrift], direct: bool, schedule_fixed: bool):
+    """The drift's ``deferred_checks`` when the solver calls its ``sample`` directly (else no deferral);
+    ``schedule_fixed`` when nothing else runs during the solve (no callback)."""
+    if multilevel is None or not direct:
+        return contextlib.nullcontext(None)
+    return multilevel.deferred_checks(schedule_fixed)
 
 
 class _PlainCounter:
@@ -236,8 +247,9 @@ def sdeint(
     if multilevel is None:
         drift = counter = _PlainCounter(protocol.drift)
     start = time.perf_counter()
-    with _stats_context(multilevel) as stats:
-        ys = integrate_em(y0, times, steps, plan, drift, noise, callback=callback, progress=progress)
+    with _stats_context(multilevel) as stats, \
+            _deferred_checks(multilevel, protocol.samples_multilevel, callback is None) as log:
+        ys = integrate_em(y0, times, steps, plan, drift, noise, callback=callback, progress=progress, step_log=log)
     stats = counter.stats if counter is not None else stats
     stats.total_time = time.perf_counter() - start
     stats.seed = solve_seed if (seed is not None or bm is None) else None
@@ -391,8 +403,8 @@ def odeint(
         drift = counter = _PlainCounter(drift)
     times = grid.to(device=y0.device, dtype=y0.dtype if y0.is_floating_point() else grid.dtype)
     start = time.perf_counter()
-    with _stats_context(multilevel) as stats:
-        sol = integrate_em(y0, times, steps, plan, drift, None, callback=callback, progress=progress)
+    with _stats_context(multilevel) as stats, _deferred_checks(multilevel, True, callback is None) as log:
+        sol = integrate_em(y0, times, steps, plan, drift, None, callback=callback, progress=progress, step_log=log)
     stats = counter.stats if counter is not None else stats
     stats.total_time = time.perf_counter() - start
     stats.seed = solve_seed if seed is not None else None

@@ -72,6 +72,17 @@ class Stats:
         self.expected_cost += expected_cost
         self.theory_cost += theory_cost
 
+    def add(self, other: "Stats") -> None:
+        """Adds ``other``'s counters (evaluations, calls, wall time, jumps, costs, steps, samples) to these."""
+        for mine, theirs in ((self.evaluations, other.evaluations), (self.calls, other.calls),
+                             (self.wall_time, other.wall_time), (self.jumps, other.jumps)):
+            for m, value in enumerate(theirs):
+                mine[m] += value
+        self.expected_cost += other.expected_cost
+        self.theory_cost += other.theory_cost
+        self.steps += other.steps
+        self.samples += other.samples
+
     def reset(self) -> None:
         fresh = Stats(self.num_levels, costs=self.costs, cost_unit=self.cost_unit)
         self.__dict__.update(fresh.__dict__)

@@ -645,7 +645,8 @@ def test_failed_non_finite_solve_then_same_seed_reproduces_a_fresh_drift():
     sde = mlsde.MultilevelSDE(drift, 0.2)
     with pytest.raises(mlsde.NonFiniteError, match=r"level 3 returned NaN or inf at t=0\.5"):
         mlsde.sdeint(sde, _y(), TS, dt=0.25, seed=8)
-    assert all(e >= 0 for e in drift.stats.evaluations) and drift.stats.steps in (2, 3)  # the failed step may count
+    # the state is checked every CHECK_EVERY steps and at the end: the solve's 4 steps may all have run and count
+    assert all(e >= 0 for e in drift.stats.evaluations) and 2 <= drift.stats.steps <= 4
     armed["on"] = False
     ys = mlsde.sdeint(sde, _y(), TS, dt=0.25, seed=8)
     assert torch.equal(ys, mlsde.sdeint(mlsde.MultilevelSDE(make(2), 0.2), _y(), TS, dt=0.25, seed=8))

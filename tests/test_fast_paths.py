@@ -171,6 +171,6 @@ def test_linear_combination_is_the_sum_and_leaves_the_levels_outputs_alone(coeff
     gen = torch.Generator().manual_seed(len(coefficients))
     outputs = [torch.randn(4, D, generator=gen, dtype=DTYPE) for _ in coefficients]
     before = [f.clone() for f in outputs]
-    total = _combine_ordered(_start_with_unit(list(zip(outputs, coefficients))))
+    total = _combine_ordered(_start_with_unit(list(enumerate(coefficients))), outputs)
     torch.testing.assert_close(total, sum(c * f for f, c in zip(outputs, coefficients)), rtol=1e-14, atol=1e-14)
     assert all(torch.equal(f, b) for f, b in zip(outputs, before))

@@ -11,9 +11,12 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..drift import NonFiniteError, StepLog, _all_finite
 from .grid import OutputPlan
 
-__all__ = ["integrate_em"]
+__all__ = ["integrate_em", "CHECK_EVERY"]
+
+CHECK_EVERY = 16  # steps between two checks of the state when the drift's per-step checks are deferred
 
 DriftFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 NoiseFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -28,6 +31,7 @@ def integrate_em(
     noise: Optional[NoiseFn] = None,
     callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
     progress: bool = False,
+    step_log: Optional[StepLog] = None,
 ) -> torch.Tensor:
     """Runs ``len(steps)`` EM steps and returns the states at the plan's outputs, ``(outputs, *y0.shape)``.
 
@@ -40,6 +44,10 @@ def integrate_em(
         noise: ``noise(n, t_n, y_n)``, the diffusion term ``g dW`` of step ``n`` (None for an ODE).
         callback: called as ``callback(n, t_{n+1}, y_{n+1})`` after each step.
         progress: show a tqdm progress bar.
+        step_log: the log of a ``MultilevelDrift`` whose per-step finiteness checks are deferred
+            (``MultilevelDrift.deferred_checks``): the state is then checked every ``CHECK_EVERY`` steps and
+            after the last one instead, and a non-finite state is traced to its cause by replaying the steps
+            since the last good check (``NonFiniteError`` naming the level and the time).
     """
     wanted: dict[int, list[int]] = {}
     for j, n in enumerate(plan.step):
@@ -57,6 +65,7 @@ def integrate_em(
 
     y = y0
     emit(0, None, y)
+    checked_n, checked_y = 0, y0  # the last state the deferred checks found finite (y0: not yet checked)
     bar = tqdm(total=len(steps), disable=not progress, desc="ML-EM", leave=False)
     for n, h in enumerate(steps):
         t = times[n]
@@ -66,8 +75,34 @@ def integrate_em(
         emit(n + 1, y, y_next)
         y = y_next
         bar.update(1)
+        if step_log is not None and ((n + 1) % CHECK_EVERY == 0 or n + 1 == len(steps)):
+            if not _all_finite(y):
+                bar.close()
+                _trace_non_finite(step_log, checked_n, checked_y, n + 1, times, steps, drift, noise)
+            checked_n, checked_y = n + 1, y
+            step_log.clear()
     bar.close()
     return torch.stack(outputs, dim=0)
+
+
+def _trace_non_finite(log: StepLog, start: int, y: torch.Tensor, stop: int, times: torch.Tensor, steps: list,
+                      drift: DriftFn, noise: Optional[NoiseFn]) -> None:
+    """Replays steps ``start .. stop - 1`` from their first state ``y`` with the logged coins, checking each
+    estimate (the drift names the level, or the state), noise term and new state; raises ``NonFiniteError``."""
+    with log.replaying():
+        for n in range(start, stop):
+            t, h = times[n], steps[n]
+            f = drift(t, y, h)  # raises NonFiniteError when the estimate is not finite
+            g_dw = None if noise is None else noise(n, t, y)
+            if g_dw is not None and not _all_finite(g_dw):
+                raise NonFiniteError(f"the noise term g dW holds NaN or inf at t={float(t):.6g}")
+            y = _euler_update(y, f, h, g_dw)
+            if not _all_finite(y):
+                raise NonFiniteError(f"the state overflowed to NaN or inf in the step from t={float(t):.6g} to "
+                                     f"t={float(times[n + 1]):.6g} (its drift estimate and noise were finite)")
+    raise NonFiniteError(f"the state became NaN or inf between t={float(times[start]):.6g} and "
+                         f"t={float(times[stop]):.6g}, but replaying these steps gave finite values: a level or "
+                         "the diffusion is not deterministic")
 
 
 def _euler_update(y: torch.Tensor, f: torch.Tensor, h: float, g_dw: Optional[torch.Tensor]) -> torch.Tensor:
