@@ -29,8 +29,10 @@
         sub-batches) with zero-cost levels, T0 - L0 - E, per step and as a fraction of T;
       * M, the floor: the same solve's coins replayed by a drift with every decision made beforehand (levels,
         sub-batch indices, coefficients); a step is only the tensor work no eager implementation can skip
-        (gathers, level calls, one multiply or fused add per term, one index_add_ per sub-batch term, one
-        finiteness reduction). Its (S - L) / T, measured the same way, is what is left to win in Python.
+        (gathers, level calls, one multiply or fused add per term, one index_add_ per sub-batch term; no
+        finiteness reduction: like the library's own solves, whose drift leaves the NaN/inf checks to the
+        solver's check of its state every CHECK_EVERY steps). Its (S - L) / T, measured the same way, is what
+        is left to win in Python.
 
 All variants of a part are interleaved within each repetition (the order rotates between repetitions),
 everything is warmed up first, and medians over the repetitions are reported. The machine may be shared:
@@ -54,7 +56,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -435,7 +436,8 @@ class MinimalMLDrift:
     ``plan[n]`` lists step n's terms ``(level, rows, coefficient)``: ``rows`` None (the whole batch) or an index
     tensor of the sub-batch, ``coefficient`` a float or a ``(rows, 1)`` tensor (per-sample coins). A step does
     only the tensor work no implementation can skip: the sub-batch gathers, the level calls, the weighted sum
-    (one multiply or fused add per term, one ``index_add_`` per sub-batch term) and one finiteness reduction.
+    (one multiply or fused add per term, one ``index_add_`` per sub-batch term); no per-step finiteness check
+    (the library's drift leaves it to the solver, which checks its state every ``CHECK_EVERY`` steps).
     The time inside the calls and inside the levels accumulate in ``inside_s`` and ``level_s``."""
 
     def __init__(self, levels, plan):
@@ -461,8 +463,6 @@ class MinimalMLDrift:
                 out, owned = (out.addcmul_(f, c) if owned else torch.addcmul(out, f, c)), True
         if out is None:
             out = torch.zeros_like(y)
-        elif not math.isfinite(out.sum().item()):
-            raise FloatingPointError("non-finite drift")
         self.n += 1
         self.inside_s += time.perf_counter() - start
         return out
