@@ -566,7 +566,7 @@ class MultilevelDrift(nn.Module):
             if f_m.__class__ is not torch.Tensor or f_m.shape != shape or f_m.dtype != dtype or f_m.device != device:
                 fast.fail(code, outputs, self._stats_targets)
                 self._check_output(f_m, y, f"level {m + 1}", t)
-        out = _combine_ordered(recipe.terms, outputs)
+        out = _combine(recipe, outputs)
         if out is None:
             out = torch.zeros_like(y)
         log = self._step_log
@@ -682,7 +682,7 @@ class MultilevelDrift(nn.Module):
             outputs[m + 1] = self._evaluate(m, t, y, levels[m])
         if self.base is not None:
             outputs[0] = self._evaluate_base(t, y)
-        out = _combine_ordered(recipe.terms, outputs)
+        out = _combine(recipe, outputs)
         return (torch.zeros_like(y) if out is None else out), outputs
 
     def _recipe(self, plan: "_StepPlan", code: int) -> "_BatchRecipe":
@@ -696,7 +696,8 @@ class MultilevelDrift(nn.Module):
 
     def _batch_recipe(self, coins: list, plan: "_StepPlan") -> "_BatchRecipe":
         """The levels one coin pattern evaluates (``m`` from 0, top first) and the terms ``(j, c_j)`` of its sum
-        (``j`` = 0 for the base), a term with coefficient 1 first (``_start_with_unit``)."""
+        (``j`` = 0 for the base), a term with coefficient 1 first (``_start_with_unit``), or as a chain of
+        ``lerp`` when that takes one tensor operation fewer (``_lerp_chain``)."""
         k = self.num_levels
         weights = [1.0 / p if c else 0.0 for c, p in zip(coins, plan.p_list)] + [0.0]
         evaluate = [m for m in range(k - 1, -1, -1)
@@ -704,7 +705,7 @@ class MultilevelDrift(nn.Module):
         terms = [(m + 1, weights[m] - weights[m + 1]) for m in evaluate]
         if self.base is not None:  # F = f^0 + sum_l w_l (f^l - f^{l-1}): f^0 enters with 1 - w_1
             terms.append((0, 1.0 - weights[0]))
-        return _BatchRecipe(evaluate=evaluate, terms=_start_with_unit(terms),
+        return _BatchRecipe(evaluate=evaluate, terms=_start_with_unit(terms), chain=_lerp_chain(terms),
                             modules=[(m, str(m)) for m in evaluate])
 
     def _combine_sample_host(self, t, y, drawn: np.ndarray, plan: "_StepPlan"):
@@ -914,6 +915,7 @@ class _FastBatch:
 class _BatchRecipe:
     evaluate: list  # levels to evaluate (m from 0), top first
     terms: list  # (j, c_j): output j (0 the base, m + 1 level m) with its coefficient, in the order of the sum
+    chain: Optional[tuple]  # (j first, [(j, lerp weight), ...]) when the sum is a cheaper chain of lerps
     modules: list  # (m, key of level m in the levels' ModuleList), as evaluate
 
 
@@ -952,6 +954,36 @@ def _combine_ordered(terms: list, outputs) -> Optional[torch.Tensor]:
     for j, c in terms:
         out, owned = _accumulate(out, owned, outputs[j], c)
     return out
+
+
+def _combine(recipe: "_BatchRecipe", outputs) -> Optional[torch.Tensor]:
+    """A batch recipe's sum of ``outputs`` (None for no terms): its lerp chain, else ``_combine_ordered``."""
+    if recipe.chain is None:
+        return _combine_ordered(recipe.terms, outputs)
+    first, links = recipe.chain
+    (j, w), rest = links[0], links[1:]
+    out = torch.lerp(outputs[first], outputs[j], w)  # a tensor of our own: the next links work in place
+    for j, w in rest:
+        out.lerp_(outputs[j], w)
+    return out
+
+
+def _lerp_chain(terms: list) -> Optional[tuple]:
+    """``sum_j c_j f_j`` as ``lerp(... lerp(f_a, f_b, w_b) ..., f_z, w_z)`` with ``w_j = c_j / S_j`` (``S_j`` the
+    coefficients summed so far; ``x_j = (sum_{i <= j} c_i f_i) / S_j`` at each link): ``(a, [(b, w_b), ...])``.
+    Worth it when the coefficients sum to exactly 1 and none is 1 (with ``p_1 = 1`` they telescope to
+    ``B_1 / p_1 = 1``): then it takes one tensor operation less than a multiply and fused adds. Positive
+    coefficients come first, so that no partial sum is 0. None when it would not save an operation."""
+    if len(terms) < 2 or any(c == 1.0 for _, c in terms):
+        return None
+    ordered = [t for t in terms if t[1] > 0] + [t for t in terms if not t[1] > 0]
+    (first, partial), links = ordered[0], []
+    for j, c in ordered[1:]:
+        partial += c
+        if partial == 0.0:
+            return None
+        links.append((j, c / partial))
+    return (first, links) if partial == 1.0 and ordered[0][1] > 0 else None
 
 
 def _start_with_unit(terms: list) -> list:

@@ -174,3 +174,29 @@ def test_linear_combination_is_the_sum_and_leaves_the_levels_outputs_alone(coeff
     total = _combine_ordered(_start_with_unit(list(enumerate(coefficients))), outputs)
     torch.testing.assert_close(total, sum(c * f for f, c in zip(outputs, coefficients)), rtol=1e-14, atol=1e-14)
     assert all(torch.equal(f, b) for f, b in zip(outputs, before))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(coefficients=st.lists(st.sampled_from([-8.0, -4.0, -2.0, -1.0, 0.0, 2.0, 4.0, 8.0]), min_size=1, max_size=4))
+def test_lerp_chain_sums_to_one_term_less_and_keeps_a_nan(coefficients):
+    """Coefficients that sum to 1 with none equal to 1 (the usual ML-EM step when p_1 = 1): a chain of lerps
+    gives the weighted sum with one tensor operation fewer, and a NaN in any term, even one with weight 0."""
+    from multilevel_sde.drift import _BatchRecipe, _combine, _lerp_chain, _start_with_unit
+
+    coefficients = coefficients + [1.0 - sum(coefficients)]  # the last one makes the sum 1
+    terms = list(enumerate(coefficients))
+    chain = _lerp_chain(terms)
+    if 1.0 in coefficients:
+        assert chain is None
+        return
+    assert chain is not None and len(chain[1]) == len(terms) - 1
+    gen = torch.Generator().manual_seed(len(coefficients))
+    outputs = [torch.randn(4, D, generator=gen, dtype=DTYPE) for _ in coefficients]
+    before = [f.clone() for f in outputs]
+    recipe = _BatchRecipe(evaluate=[], terms=_start_with_unit(terms), chain=chain, modules=[])
+    expected = sum(c * f for f, c in zip(outputs, coefficients))
+    torch.testing.assert_close(_combine(recipe, outputs), expected, rtol=1e-13, atol=1e-12)
+    assert all(torch.equal(f, b) for f, b in zip(outputs, before))  # the levels' outputs are left alone
+    outputs[-1] = outputs[-1].clone()
+    outputs[-1][0, 0] = float("nan")
+    assert torch.isnan(_combine(recipe, outputs)[0, 0])
