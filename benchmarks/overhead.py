@@ -29,10 +29,11 @@
         sub-batches) with zero-cost levels, T0 - L0 - E, per step and as a fraction of T;
       * M, the floor: the same solve's coins replayed by a drift with every decision made beforehand (levels,
         sub-batch indices, coefficients); a step is only the tensor work no eager implementation can skip
-        (gathers, level calls, one multiply or fused add per term, one index_add_ per sub-batch term; no
-        finiteness reduction: like the library's own solves, whose drift leaves the NaN/inf checks to the
-        solver's check of its state every CHECK_EVERY steps). Its (S - L) / T, measured the same way, is what
-        is left to win in Python.
+        (gathers, level calls, the weighted sum in the library's cheapest form: a term with coefficient 1
+        first and free, one multiply or fused add per other term, or a chain of lerps when the coefficients
+        sum to 1; one index_add_ per sub-batch term; no finiteness reduction: like the library's own solves,
+        whose drift leaves the NaN/inf checks to the solver's check of its state every CHECK_EVERY steps).
+        Its (S - L) / T, measured the same way, is what is left to win in Python.
 
 All variants of a part are interleaved within each repetition (the order rotates between repetitions),
 everything is warmed up first, and medians over the repetitions are reported. The machine may be shared:
@@ -68,6 +69,7 @@ import torch
 from torch import nn
 
 import multilevel_sde as mlsde
+from multilevel_sde.drift import _lerp_chain, _start_with_unit  # the library's cheapest forms of a sum
 
 try:
     import torchsde
@@ -433,11 +435,14 @@ class ReplayedCallsDrift:
 class MinimalMLDrift:
     """The floor of any eager implementation: ML-EM's own coins, replayed with every decision made beforehand.
 
-    ``plan[n]`` lists step n's terms ``(level, rows, coefficient)``: ``rows`` None (the whole batch) or an index
-    tensor of the sub-batch, ``coefficient`` a float or a ``(rows, 1)`` tensor (per-sample coins). A step does
-    only the tensor work no implementation can skip: the sub-batch gathers, the level calls, the weighted sum
-    (one multiply or fused add per term, one ``index_add_`` per sub-batch term); no per-step finiteness check
-    (the library's drift leaves it to the solver, which checks its state every ``CHECK_EVERY`` steps).
+    ``plan[n] = (terms, chain)`` for step n: ``terms`` lists ``(level, rows, coefficient)``, ``rows`` None (the
+    whole batch) or an index tensor of the sub-batch, ``coefficient`` a float or a ``(rows, 1)`` tensor
+    (per-sample coins); ``chain``, when not None, is the library's cheaper form of a whole-batch sum of float
+    terms (``(level, [(level, lerp weight), ...])``, one operation per term but the first). A step does only
+    the tensor work no implementation can skip: the sub-batch gathers, the level calls, the weighted sum (a
+    term with coefficient 1 first and free, one multiply or fused add per other term, or the lerp chain; one
+    ``index_add_`` per sub-batch term); no per-step finiteness check (the library's drift leaves it to the
+    solver, which checks its state every ``CHECK_EVERY`` steps).
     The time inside the calls and inside the levels accumulate in ``inside_s`` and ``level_s``."""
 
     def __init__(self, levels, plan):
@@ -446,7 +451,18 @@ class MinimalMLDrift:
     def __call__(self, t, y):
         start = time.perf_counter()
         out, owned = None, False
-        for m, rows, c in self.plan[self.n % len(self.plan)]:
+        terms, chain = self.plan[self.n % len(self.plan)]
+        if chain is not None:
+            outputs = {}
+            for m, _, _ in terms:
+                before = time.perf_counter()
+                outputs[m] = self.levels[m](t, y)
+                self.level_s += time.perf_counter() - before
+            (first, links), out = chain, None
+            for m, w in links:
+                out = torch.lerp(outputs[first], outputs[m], w) if out is None else out.lerp_(outputs[m], w)
+            terms = ()
+        for m, rows, c in terms:
             x = y if rows is None else y.index_select(0, rows)
             before = time.perf_counter()
             f = self.levels[m](t, x)
@@ -493,11 +509,15 @@ def minimal_plan(records: list, calls: list, batch: int, dtype: torch.dtype) -> 
                 full.append((m, None, c))
             elif len(rows):
                 sub.append((m, torch.from_numpy(rows), torch.from_numpy(coef[m, rows]).to(dtype)[:, None]))
+        chain = None
+        if all(isinstance(c, float) for _, _, c in full):  # one number per level: the library's cheapest sum
+            chain = _lerp_chain([(m, c) for m, _, c in full]) if not sub else None
+            full = [(m, None, c) for m, c in _start_with_unit([(m, c) for m, _, c in full])] if full else full
         terms = full + sub
         made = sorted((m, batch if r is None else len(r)) for m, r, _ in terms)
         if made != sorted(step_calls):
             raise RuntimeError(f"the minimal plan's calls {made} differ from the library's {sorted(step_calls)}")
-        plan.append(terms)
+        plan.append((terms, chain))
     return plan
 
 
