@@ -474,9 +474,10 @@ class MultilevelDrift(nn.Module):
         if log is not None and log.replay is not None:
             return self._replay_step(t, y, log)
         costs = self._costs if self._costs is not None else self._require_costs(t, y)
+        previous = self._last_plan
         plan = self._step_plan(t, dt, costs)
         batch = y.shape[0]
-        if self._fast_path_fits(t, plan):
+        if previous is not None and previous[3] is plan and self._fast_path_fits(t, plan):  # a plan used twice
             return self._sample_fast(t, y, self._start_fast(plan, batch))
         scale = batch if plan.one_coin_shape else 1
         for stats in self._stats_targets:

@@ -208,3 +208,16 @@ def test_a_schedule_changed_by_a_callback_takes_effect_at_the_next_step():
     drift = mlsde.MultilevelDrift([cheap, _ladder(2)[1]], schedule, costs=[1, 2], seed=0)
     mlsde.sdeint(mlsde.MultilevelSDE(drift, 0.1), _y(), [0.0, 1.0], dt=0.02, seed=0, callback=callback)
     assert len([n for n in cheap_calls if n < 10]) > 3 and not [n for n in cheap_calls if n >= 10]
+
+
+def test_fast_path_waits_for_a_plan_used_twice_in_a_row():
+    """A step-size-dependent schedule on a changing step size gets a new plan each step: no fast path churn;
+    a schedule that ignores the step size keeps one fast path across step sizes."""
+    per_time = mlsde.MultilevelDrift(_ladder(2), mlsde.InverseCost(0.5, per_unit_time=True), costs=[1, 2], seed=0)
+    fixed = mlsde.MultilevelDrift(_ladder(2), [0.5, 1.0], costs=[1, 2], seed=0)
+    y = _y()
+    for n in range(6):
+        per_time.sample(0.0, y, 0.1 if n % 2 else 0.2)
+        fixed.sample(0.0, y, 0.1 if n % 2 else 0.2)
+    assert per_time._fast is None and fixed._fast is not None
+    assert per_time.stats.steps == fixed.stats.steps == 6
