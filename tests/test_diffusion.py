@@ -173,3 +173,17 @@ def test_sampler_rejects_bad_arguments():
         sample(LADDER, SHAPE, base="quadratic")
     with pytest.raises(ValueError, match="x_T"):
         sample(LADDER, SHAPE, batch=2, x_T=torch.zeros(3, *SHAPE))
+
+
+class NanBelow(torch.nn.Module):
+    """An eps-predictor that breaks (NaN) at small timesteps, as an unstable network might."""
+
+    def forward(self, x, t):
+        return torch.tanh(x) + torch.where(t < 300, float("nan"), 0.0).to(x.dtype).reshape(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_a_network_that_returns_nan_is_named_by_the_sampler(method):
+    with pytest.raises(mlsde.NonFiniteError, match=r"^level 2 returned NaN or inf at t="):
+        sample([LADDER[0], NanBelow()], SHAPE, batch=3, method=method, steps=40, seed=0,
+               probabilities=[1.0, 0.5], costs=[1, 2])

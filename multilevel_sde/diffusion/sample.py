@@ -167,7 +167,7 @@ def build_drift(models, grid: StepGrid, image_shape, probabilities=None, costs=N
         costs = None if costs is None else list(costs)[-1:]
     return MultilevelDrift(levels, probabilities, costs=costs, coupling=coupling, coins=coins,
                            base=LinearPart(grid, device) if base == "linear" else None,
-                           seed=derive_seed(seed, _STREAM_COINS), check_finite=False)
+                           seed=derive_seed(seed, _STREAM_COINS))
 
 
 def _synchronize(device: torch.device) -> None:
