@@ -33,7 +33,6 @@ class UniformStream:
     def reset(self) -> None:
         self._buffer: Optional[torch.Tensor] = None
         self._array: Optional[np.ndarray] = None  # the buffer's memory seen by numpy (slicing it is cheaper)
-        self._floats: Optional[list] = None
         self._pos = 0
         self._codes: Optional[_CodeBlock] = None
 
@@ -43,7 +42,7 @@ class UniformStream:
             return
         fresh = torch.rand(max(self.block, n - left), generator=self.generator, dtype=torch.float64)
         self._buffer = fresh if left == 0 else torch.cat([self._buffer[self._pos:], fresh])
-        self._array, self._floats, self._pos, self._codes = self._buffer.numpy(), None, 0, None
+        self._array, self._pos, self._codes = self._buffer.numpy(), 0, None
 
     def _take(self, n: int) -> slice:
         """Where the next ``n`` uniforms lie in the buffer (refilled when needed); advances past them."""
@@ -60,13 +59,6 @@ class UniformStream:
         """The next ``n`` uniforms as a float64 numpy array (a view of the buffer: do not modify)."""
         where = self._take(n)  # first: it may refill the buffer
         return self._array[where]
-
-    def floats(self, n: int) -> list:
-        """The next ``n`` uniforms as Python floats."""
-        where = self._take(n)
-        if self._floats is None:  # the buffer as Python floats, once per refill
-            self._floats = self._buffer.tolist()
-        return self._floats[where]
 
     def next_code(self, key: object, thresholds: np.ndarray, bits: np.ndarray, base: int) -> int:
         """The next ``n = len(thresholds)`` uniforms ``u`` compared with ``thresholds``, as one integer:

@@ -32,12 +32,12 @@ def test_next_code_draws_the_coins_of_float_comparisons_and_keeps_the_stream_in_
     coded = UniformStream(torch.Generator().manual_seed(3), block=block)
     plain = UniformStream(torch.Generator().manual_seed(3), block=block)
     for step in range(200):
-        expected = 1 + sum(int(b) for b, u, p in zip(bits, plain.floats(3), thresholds) if u < p)
+        expected = 1 + sum(int(b) for b, u, p in zip(bits, plain.numpy(3), thresholds) if u < p)
         assert coded.next_code("key", thresholds, bits, 1) == expected
         if step % 17 == 5:  # another request in between: both streams advance alike
             assert np.array_equal(coded.numpy(4), plain.numpy(4))
         if step % 29 == 11:  # another key starts a fresh block at the same position
-            assert coded.next_code("other", thresholds[:1], bits[:1], 0) == (2 if plain.floats(1)[0] < 0.5 else 0)
+            assert coded.next_code("other", thresholds[:1], bits[:1], 0) == (2 if plain.numpy(1)[0] < 0.5 else 0)
 
 
 # -- the fast path against the general one ----------------------------------------------------------------------
