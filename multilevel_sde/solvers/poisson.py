@@ -24,6 +24,7 @@ import torch
 
 from ..brownian import GridBrownian
 from ..drift import MultilevelDrift
+from .grid import uniform_grid
 
 __all__ = ["integrate_poisson", "THINNING_MARGIN"]
 
@@ -162,12 +163,11 @@ def _rates(drift: MultilevelDrift, times: torch.Tensor, dt: float) -> torch.Tens
 
 
 def _segments(ts: np.ndarray, dt: float, march: bool) -> np.ndarray:
+    """Segment ends: ``ts``, and when marching also the grid solvers' step times (torchsde's accumulation,
+    the grid of ``GridBrownian(t0, t1, dt)``), so a shared path is read whole cell by whole cell."""
     if not march:
         return ts
-    n = int(math.ceil((ts[-1] - ts[0]) / dt - 1e-9))
-    grid = ts[0] + dt * np.arange(n + 1)
-    grid[-1] = ts[-1]
-    return np.unique(np.concatenate([grid, ts]))
+    return np.unique(np.concatenate([uniform_grid(ts[0], ts[-1], dt), ts]))
 
 
 def integrate_poisson(
@@ -192,8 +192,7 @@ def integrate_poisson(
         channels = 1 if noise_type == "scalar" else d
         noise = _GaussianNoise(sigma, batch, channels, noise_type, d, noise_generator, y0.dtype, y0.device)
 
-    n_grid = int(math.ceil((ts[-1] - ts[0]) / dt - 1e-9))
-    grid_t = torch.as_tensor(np.append(ts[0] + dt * np.arange(n_grid), ts[-1]), dtype=torch.float64)
+    grid_t = torch.as_tensor(uniform_grid(ts[0], ts[-1], dt), dtype=torch.float64)
     grid_rates = _rates(drift, grid_t, dt)
     march = drift.base is not None or bool((grid_rates * dt >= 1).any())
     bounds = _segments(ts, dt, march)
