@@ -435,14 +435,16 @@ class ReplayedCallsDrift:
 class MinimalMLDrift:
     """The floor of any eager implementation: ML-EM's own coins, replayed with every decision made beforehand.
 
-    ``plan[n] = (terms, chain)`` for step n: ``terms`` lists ``(level, rows, coefficient)``, ``rows`` None (the
-    whole batch) or an index tensor of the sub-batch, ``coefficient`` a float or a ``(rows, 1)`` tensor
-    (per-sample coins); ``chain``, when not None, is the library's cheaper form of a whole-batch sum of float
-    terms (``(level, [(level, lerp weight), ...])``, one operation per term but the first). A step does only
-    the tensor work no implementation can skip: the sub-batch gathers, the level calls, the weighted sum (a
-    term with coefficient 1 first and free, one multiply or fused add per other term, or the lerp chain; one
-    ``index_add_`` per sub-batch term); no per-step finiteness check (the library's drift leaves it to the
-    solver, which checks its state every ``CHECK_EVERY`` steps).
+    ``plan[n] = (terms, chain, scatter)`` for step n: ``terms`` lists ``(level, rows, coefficient)``, ``rows``
+    None (the whole batch) or an index tensor of the sub-batch, ``coefficient`` a float or a ``(rows, 1)``
+    tensor (per-sample coins); ``chain``, when not None, is the library's cheaper form of a whole-batch sum of
+    float terms (``(level, [(level, lerp weight), ...])``, one operation per term but the first); ``scatter``
+    the rows and coefficients of all sub-batch terms, concatenated (None without any). A step does only the
+    tensor work no implementation can skip: the sub-batch gathers, the level calls, the weighted sum (a term
+    with coefficient 1 first and free, one multiply or fused add per other whole-batch term, or the lerp
+    chain; the sub-batch outputs concatenated, multiplied and added in with one ``index_add_``); no per-step
+    finiteness check (the library's drift leaves it to the solver, which checks its state every
+    ``CHECK_EVERY`` steps).
     The time inside the calls and inside the levels accumulate in ``inside_s`` and ``level_s``."""
 
     def __init__(self, levels, plan):
@@ -451,7 +453,7 @@ class MinimalMLDrift:
     def __call__(self, t, y):
         start = time.perf_counter()
         out, owned = None, False
-        terms, chain = self.plan[self.n % len(self.plan)]
+        terms, chain, scatter = self.plan[self.n % len(self.plan)]
         if chain is not None:
             outputs = {}
             for m, _, _ in terms:
@@ -462,21 +464,24 @@ class MinimalMLDrift:
             for m, w in links:
                 out = torch.lerp(outputs[first], outputs[m], w) if out is None else out.lerp_(outputs[m], w)
             terms = ()
+        pieces = []
         for m, rows, c in terms:
             x = y if rows is None else y.index_select(0, rows)
             before = time.perf_counter()
             f = self.levels[m](t, x)
             self.level_s += time.perf_counter() - before
-            if rows is not None:  # the full-batch terms come first: ``out`` exists, and becomes ours here
-                if not owned:
-                    out, owned = out.clone(), True
-                out.index_add_(0, rows, f * c)
+            if rows is not None:
+                pieces.append(f)
             elif out is None:
                 out, owned = (f, False) if isinstance(c, float) and c == 1.0 else (f * c, True)
             elif isinstance(c, float):
                 out, owned = (out.add_(f, alpha=c) if owned else torch.add(out, f, alpha=c)), True
             else:
                 out, owned = (out.addcmul_(f, c) if owned else torch.addcmul(out, f, c)), True
+        if scatter is not None:
+            rows, c = scatter
+            out = torch.zeros_like(y) if out is None else (out if owned else out.clone())
+            out.index_add_(0, rows, torch.cat(pieces).mul_(c) if len(pieces) > 1 else pieces[0] * c)
         if out is None:
             out = torch.zeros_like(y)
         self.n += 1
@@ -517,7 +522,8 @@ def minimal_plan(records: list, calls: list, batch: int, dtype: torch.dtype) -> 
         made = sorted((m, batch if r is None else len(r)) for m, r, _ in terms)
         if made != sorted(step_calls):
             raise RuntimeError(f"the minimal plan's calls {made} differ from the library's {sorted(step_calls)}")
-        plan.append((terms, chain))
+        scatter = (torch.cat([r for _, r, _ in sub]), torch.cat([c for _, _, c in sub])) if sub else None
+        plan.append((terms, chain, scatter))
     return plan
 
 

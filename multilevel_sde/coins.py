@@ -35,6 +35,7 @@ class UniformStream:
         self._array: Optional[np.ndarray] = None  # the buffer's memory seen by numpy (slicing it is cheaper)
         self._pos = 0
         self._codes: Optional[_CodeBlock] = None
+        self.generation = getattr(self, "generation", -1) + 1  # changes whenever the buffer is replaced
 
     def _ensure(self, n: int) -> None:
         left = 0 if self._buffer is None else self._buffer.numel() - self._pos
@@ -43,6 +44,7 @@ class UniformStream:
         fresh = torch.rand(max(self.block, n - left), generator=self.generator, dtype=torch.float64)
         self._buffer = fresh if left == 0 else torch.cat([self._buffer[self._pos:], fresh])
         self._array, self._pos, self._codes = self._buffer.numpy(), 0, None
+        self.generation += 1
 
     def _take(self, n: int) -> slice:
         """Where the next ``n`` uniforms lie in the buffer (refilled when needed); advances past them."""
@@ -59,6 +61,23 @@ class UniformStream:
         """The next ``n`` uniforms as a float64 numpy array (a view of the buffer: do not modify)."""
         where = self._take(n)  # first: it may refill the buffer
         return self._array[where]
+
+    def lookahead(self, width: int, max_rows: int) -> tuple[np.ndarray, int]:
+        """The next uniforms in whole rows of ``width``, float64 ``(rows, width)`` with ``1 <= rows <= max_rows``
+        (as many as the buffer holds, refilled first when it holds less than one row), without advancing; and
+        the stream position of the first row. ``advance(width)`` then consumes one row, exactly as
+        ``numpy(width)`` would, while ``position()`` still equals what it was when the row was looked at."""
+        self._ensure(width)
+        rows = max(1, min(max_rows, (self._buffer.numel() - self._pos) // width))
+        return self._array[self._pos:self._pos + rows * width].reshape(rows, width), self.position()
+
+    def position(self) -> tuple[int, int]:
+        """Where the stream stands: ``(generation of the buffer, offset in it)``."""
+        return self.generation, self._pos
+
+    def advance(self, n: int) -> None:
+        """Consumes the next ``n`` uniforms, which a ``lookahead`` has shown."""
+        self._pos += n
 
     def next_code(self, key: object, thresholds: np.ndarray, bits: np.ndarray, base: int) -> int:
         """The next ``n = len(thresholds)`` uniforms ``u`` compared with ``thresholds``, as one integer:

@@ -9,7 +9,6 @@ to the last bit. The drift knows nothing of steppers.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import math
@@ -22,6 +21,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from ._fast import _FastBatch, _FastSample, _host_to_like, _on_device
 from ._random import check_seed, fresh_seed, make_generator
 from .coins import CoinRecord, CoinScheme, IndependentCoins, UniformStream, as_coin_scheme
 from .cost import measure_costs
@@ -153,7 +153,7 @@ class MultilevelDrift(nn.Module):
         self._last_plan: Optional[tuple] = None  # (schedule, step-size key, token, plan) of the last cached plan
         self._trackers: list[Stats] = []
         self._stats_targets: tuple[Stats, ...] = (self._stats,)  # what each step and level call is recorded in
-        self._fast: Optional[_FastBatch] = None  # the steady batch-coupling path (_sample_fast)
+        self._fast: Optional[Union[_FastBatch, _FastSample]] = None  # the steady state's path (_start_fast)
         self._step_log: Optional[StepLog] = None  # set by deferred_checks()
         self._recording = False
         self.recorded: list[CoinRecord] = []
@@ -263,7 +263,7 @@ class MultilevelDrift(nn.Module):
 
     def _flush_fast(self) -> None:
         fast = self.__dict__.get("_fast")
-        if fast is not None and fast.counts:
+        if fast is not None:
             fast.flush(self._stats_targets)
 
     def _drop_fast(self) -> None:
@@ -467,7 +467,7 @@ class MultilevelDrift(nn.Module):
         if (fast is not None and y.__class__ is torch.Tensor and y.dim() != 0 and y.shape[0] == fast.batch
                 and (fast.dt is None or fast.dt == dt) and (t.__class__ is not torch.Tensor or t.dim() == 0)
                 and (fast.schedule_fixed or fast.token == fast.schedule.cache_token())):
-            return self._sample_fast(t, y, fast)
+            return self._sample_fast(t, y, fast) if fast.__class__ is _FastBatch else self._sample_fast_rows(t, y, fast)
         if y.__class__ is not torch.Tensor or y.dim() < 1 or y.shape[0] == 0:
             self._check_state(y)
         log = self._step_log
@@ -478,7 +478,8 @@ class MultilevelDrift(nn.Module):
         plan = self._step_plan(t, dt, costs)
         batch = y.shape[0]
         if previous is not None and previous[3] is plan and self._fast_path_fits(t, plan):  # a plan used twice
-            return self._sample_fast(t, y, self._start_fast(plan, batch))
+            fast = self._start_fast(plan, batch)
+            return self._sample_fast(t, y, fast) if fast.__class__ is _FastBatch else self._sample_fast_rows(t, y, fast)
         scale = batch if plan.one_coin_shape else 1
         for stats in self._stats_targets:
             stats.record_step(batch, plan.expected * scale, plan.theory * scale)
@@ -524,26 +525,26 @@ class MultilevelDrift(nn.Module):
 
     # -- the fast path ------------------------------------------------------------------------------
     def _fast_path_fits(self, t: TimeLike, plan: "_StepPlan") -> bool:
-        """Whether the steps of ``plan`` can take ``_sample_fast``: one coin per level for the whole batch (batch
-        coupling, or every coin certain), independent coins, no base, no recording, no replay, scalar time, a
-        plan reused from the previous step (``_last_plan``)."""
+        """Whether the steps of ``plan`` can take a fast path (``_sample_fast``, or ``_sample_fast_rows`` for
+        per-sample coins): one probability per level for the whole batch, independent coins, no base, no
+        recording, no replay, scalar time, a plan reused from the previous step (``_last_plan``)."""
         last = self._last_plan
-        return (last is not None and last[3] is plan and (self.coupling == "batch" or not plan.uncertain)
-                and self.base is None
+        return (last is not None and last[3] is plan and self.base is None
                 and not self._recording and self._buffered_coins() and plan.one_coin_shape and not plan.attached
                 and (self._step_log is None or self._step_log.replay is None)
                 and (t.__class__ is not torch.Tensor or t.dim() == 0))
 
-    def _start_fast(self, plan: "_StepPlan", batch: int) -> "_FastBatch":
+    def _start_fast(self, plan: "_StepPlan", batch: int) -> Union[_FastBatch, _FastSample]:
         schedule, step_key, token, _ = self._last_plan
         if self._fast is not None:
             self._drop_fast()
-        fast = _FastBatch(plan, schedule, step_key, token, batch, self.num_levels)
+        per_sample = self.coupling == "sample" and bool(plan.uncertain)  # else one coin per level serves all
+        fast = (_FastSample if per_sample else _FastBatch)(plan, schedule, step_key, token, batch, self.num_levels)
         fast.schedule_fixed = self._step_log is not None and self._step_log.schedule_fixed
         self.__dict__["_fast"] = fast
         return fast
 
-    def _sample_fast(self, t: TimeLike, y: torch.Tensor, fast: "_FastBatch") -> torch.Tensor:
+    def _sample_fast(self, t: TimeLike, y: torch.Tensor, fast: _FastBatch) -> torch.Tensor:
         """One step of the steady batch-coupling path: the general path's estimate, coins and checks, with the
         statistics kept as counts per coin pattern (``_FastBatch.flush``) and no per-step lookups."""
         plan = fast.plan
@@ -565,14 +566,71 @@ class MultilevelDrift(nn.Module):
             wall[m] += perf_counter() - start
             outputs[m + 1] = f_m
             if f_m.__class__ is not torch.Tensor or f_m.shape != shape or f_m.dtype != dtype or f_m.device != device:
-                fast.fail(code, outputs, self._stats_targets)
-                self._check_output(f_m, y, f"level {m + 1}", t)
+                try:
+                    self._check_output(f_m, y, f"level {m + 1}", t)
+                except (TypeError, ValueError):
+                    fast.fail(code, outputs, self._stats_targets)
+                    raise
         out = _combine(recipe, outputs)
         if out is None:
             out = torch.zeros_like(y)
         log = self._step_log
         if log is not None and log.checking:  # a solver checks its state instead (deferred_checks)
             log.entries.append((code, plan))
+        elif self.check_finite and outputs and not _all_finite(out):
+            self._raise_non_finite(t, y, outputs)
+        return out
+
+    def _sample_fast_rows(self, t: TimeLike, y: torch.Tensor, fast: _FastSample) -> torch.Tensor:
+        """One step of the steady per-sample path: the general path's coins and estimate (``_combine_sample_host``,
+        to the last bit), read from a block of steps worked out at once (``_SampleBlock``)."""
+        stream = self._uniforms
+        block = fast.block
+        if block is None or not block.fits(stream, y):
+            block = fast.next_block(stream, list(self._modules["levels"]._modules), y)
+        s = block.next
+        block.next = s + 1
+        stream.advance(block.width)
+        block.position = stream.position()
+        self.__dict__["_step"] = self._step + 1
+        modules, wall, perf_counter = self._modules["levels"]._modules, fast.wall, time.perf_counter
+        outputs, scattered = {}, []
+        out, owned = None, False
+        for m, name, rows, c in block.terms[s]:  # the top level first
+            x = y if rows is None else y.index_select(0, rows)
+            start = perf_counter()
+            try:
+                f_m = modules[name](t, x)
+            except BaseException:
+                fast.fail(outputs, self._stats_targets)  # what ran before it stays counted
+                raise
+            wall[m] += perf_counter() - start
+            outputs[m + 1] = f_m
+            if f_m.__class__ is not torch.Tensor or f_m.shape != x.shape or f_m.dtype != x.dtype or f_m.device != x.device:
+                try:
+                    self._check_output(f_m, x, f"level {m + 1}", t)
+                except (TypeError, ValueError):
+                    fast.fail(outputs, self._stats_targets)
+                    raise
+            if rows is not None:
+                scattered.append(f_m)
+            elif c.__class__ is float:
+                out, owned = _accumulate(out, owned, f_m, c)
+            else:
+                out, owned = _accumulate_scaled(out, owned, f_m, c)
+        scatter = block.scatter[s]
+        if scatter is not None:
+            rows, coefficients = scatter
+            terms = torch.cat(scattered) if len(scattered) > 1 else scattered[0].clone()
+            terms.mul_(coefficients)
+            if not owned:
+                out = torch.zeros_like(y) if out is None else out.clone()
+            out.index_add_(0, rows, terms)
+        if out is None:
+            out = torch.zeros_like(y)
+        log = self._step_log
+        if log is not None and log.checking:  # a solver checks its state instead (deferred_checks)
+            log.entries.append((block.coins[s], fast.plan))
         elif self.check_finite and outputs and not _all_finite(out):
             self._raise_non_finite(t, y, outputs)
         return out
@@ -873,45 +931,6 @@ class StepLog:
                 stats.__dict__.update(fields)
 
 
-class _FastBatch:
-    """What ``MultilevelDrift._sample_fast`` needs for the steps of one plan and batch size, and what it counted:
-    steps per coin pattern and seconds per level, folded into ``Stats`` objects by ``flush``."""
-
-    __slots__ = ("plan", "schedule", "dt", "token", "batch", "counts", "wall", "schedule_fixed")
-
-    def __init__(self, plan: "_StepPlan", schedule, dt: Optional[float], token, batch: int, num_levels: int):
-        self.plan, self.schedule, self.dt, self.token, self.batch = plan, schedule, dt, token, batch
-        self.schedule_fixed = False  # True within a solve that runs nothing else (no cache_token check per step)
-        self.counts: collections.defaultdict = collections.defaultdict(int)  # coin code -> steps
-        self.wall = [0.0] * num_levels
-
-    def flush(self, targets: Sequence[Stats]) -> None:
-        """Adds the counted steps (their evaluations, calls, expected and theory costs) and seconds to every
-        ``Stats`` in ``targets`` and starts counting afresh."""
-        plan, batch, k = self.plan, self.batch, len(self.wall)
-        done = Stats(k, wall_time=self.wall)
-        for code, steps in self.counts.items():
-            for m in plan.recipes[code].evaluate:
-                done.evaluations[m] += steps * batch
-                done.calls[m] += steps
-            done.steps += steps
-        done.samples = done.steps * batch
-        done.expected_cost = plan.expected * batch * done.steps
-        done.theory_cost = plan.theory * batch * done.steps
-        for stats in targets:
-            stats.add(done)
-        self.counts.clear()
-        self.wall = [0.0] * k
-
-    def fail(self, code: int, outputs: dict, targets: Sequence[Stats]) -> None:
-        """A level of the step of ``code`` failed: that step counts only the levels that returned (``outputs``)."""
-        self.counts[code] -= 1
-        for stats in targets:
-            stats.record_step(self.batch, self.plan.expected * self.batch, self.plan.theory * self.batch)
-            for level in outputs:
-                stats.record_level(level - 1, self.batch, 0.0)  # their seconds are in self.wall
-
-
 @dataclass
 class _BatchRecipe:
     evaluate: list  # levels to evaluate (m from 0), top first
@@ -997,28 +1016,16 @@ def _start_with_unit(terms: list) -> list:
 def _accumulate_rows(out: Optional[torch.Tensor], owned: bool, f: torch.Tensor, coefficients: np.ndarray,
                      like: torch.Tensor):
     """``(out + c * f, owned)`` with one coefficient per sample (``coefficients``: float64 ``(batch,)``)."""
-    c = _host_to_like(coefficients, like).reshape(-1, *(1,) * (like.dim() - 1))
+    return _accumulate_scaled(out, owned, f, _host_to_like(coefficients, like).reshape(-1, *(1,) * (like.dim() - 1)))
+
+
+def _accumulate_scaled(out: Optional[torch.Tensor], owned: bool, f: torch.Tensor, c: torch.Tensor):
+    """``(out + c * f, owned)`` with ``c`` a tensor that broadcasts against ``f`` (one coefficient per sample)."""
     if out is None:
         return f * c, True
     if owned:
         return out.addcmul_(f, c), True
     return torch.addcmul(out, f, c), True
-
-
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
-
-
-def _on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``x`` (a CPU tensor) on ``device``; no call at all when that is the CPU."""
-    return x if device.type == "cpu" else x.to(device, non_blocking=True)
-
-
-def _host_to_like(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """Host numbers as a tensor of ``like``'s dtype and device (converted by numpy when it can)."""
-    np_dtype = _NUMPY_DTYPES.get(like.dtype)
-    if np_dtype is None:
-        return torch.from_numpy(values).to(device=like.device, dtype=like.dtype)
-    return _on_device(torch.from_numpy(values.astype(np_dtype, copy=False)), like.device)
 
 
 def _is_per_sample(t, batch: int) -> bool:

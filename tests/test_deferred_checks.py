@@ -1,5 +1,5 @@
-"""The steady batch path of MultilevelDrift (integer coin codes, statistics counted per coin pattern) gives what
-the general path gives, and mlsde's own solvers check their state every CHECK_EVERY steps instead of every
+"""The steady paths of MultilevelDrift (batch coins as integer codes with statistics counted per coin pattern;
+per-sample coins worked out a block of steps at a time) give what the general path gives, and mlsde's own solvers check their state every CHECK_EVERY steps instead of every
 estimate, yet still name the level (or the noise, or the state) and the time when something turns NaN/inf."""
 
 from __future__ import annotations
@@ -41,25 +41,57 @@ def test_next_code_draws_the_coins_of_float_comparisons_and_keeps_the_stream_in_
 
 
 # -- the fast path against the general one ----------------------------------------------------------------------
-@pytest.mark.parametrize("p", [[1.0, 0.5, 0.25, 0.125], [0.3, 1.0, 0.6, 1.0], [1.0] * 4])
-def test_fast_path_gives_the_general_paths_estimates_and_statistics(p):
-    """Recording the coins keeps a drift on the general path; its twin takes the fast one."""
-    fast = mlsde.MultilevelDrift(_ladder(), p, costs=[1, 3, 9, 27], seed=11)
-    general = mlsde.MultilevelDrift(_ladder(), p, costs=[1, 3, 9, 27], seed=11)
+def _twins(p, coupling: str, levels=None, block: int = 1 << 14):
+    """A drift that takes the fast path and its twin kept on the general one by recording its coins."""
+    levels = _ladder(len(p)) if levels is None else levels
+    fast, general = (mlsde.MultilevelDrift(levels, p, costs=[3.0 ** m for m in range(len(p))], coupling=coupling,
+                                           seed=11) for _ in range(2))
     general.record_coins(True)
+    for drift in (fast, general):
+        drift._uniforms = UniformStream(drift._generator, block=block)
+    return fast, general
+
+
+def _same_stats(a, b) -> None:
+    assert (a.steps, a.samples, a.evaluations, a.calls) == (b.steps, b.samples, b.evaluations, b.calls)
+    assert a.expected_cost == pytest.approx(b.expected_cost, rel=1e-12)
+    assert a.theory_cost == pytest.approx(b.theory_cost, rel=1e-12)
+
+
+@pytest.mark.parametrize("block", [40, 1 << 14])  # per-sample blocks of 2 steps (refills between), of 64 steps
+@pytest.mark.parametrize("coupling", ["batch", "sample"])
+@pytest.mark.parametrize("p", [[1.0, 0.5, 0.25, 0.125], [0.3, 1.0, 0.6, 1.0], [1.0] * 4])
+def test_fast_path_gives_the_general_paths_estimates_and_statistics(p, coupling, block):
+    fast, general = _twins(p, coupling, block=block)
     y = _y()
     with fast.track() as fast_solve, general.track() as general_solve:
-        for n in range(60):
+        for n in range(150):
             assert torch.equal(fast.sample(0.01 * n, y, 0.01), general.sample(0.01 * n, y, 0.01))
-        assert fast._fast is not None and general._fast is None
+        per_sample = coupling == "sample" and min(p) < 1  # else one coin per level serves the whole batch
+        assert isinstance(fast._fast, mlsde._fast._FastSample if per_sample else mlsde._fast._FastBatch)
+        assert general._fast is None
         mid = fast.stats  # reading the stats mid-way folds in what the fast path counted
-        assert mid.steps == 60 and mid.evaluations == general.stats.evaluations
+        assert mid.steps == 150 and mid.evaluations == general.stats.evaluations
+        for n in range(150, 170):
+            assert torch.equal(fast.sample(0.01 * n, y, 0.01), general.sample(0.01 * n, y, 0.01))
     for a, b in ((fast.stats, general.stats), (fast_solve, general_solve)):
-        assert (a.steps, a.samples, a.evaluations, a.calls) == (b.steps, b.samples, b.evaluations, b.calls)
-        assert a.expected_cost == pytest.approx(b.expected_cost, rel=1e-12)
-        assert a.theory_cost == pytest.approx(b.theory_cost, rel=1e-12)
+        _same_stats(a, b)
         assert all(w >= 0 for w in a.wall_time) and sum(a.wall_time) > 0
-    assert fast_solve.steps == 60
+    assert fast_solve.steps == 170
+
+
+def test_per_sample_fast_path_follows_changes_of_the_state_and_other_draws_of_the_stream():
+    """A new dtype, shape or batch size, and uniforms taken by someone else in between, start a fresh block
+    at the stream's position: the coins and estimates stay the general path's."""
+    fast, general = _twins([1.0, 0.5, 0.25], "sample")
+    states = [_y(), _y(), _y().float(), _y().float(), _y(7), _y(7), _y(5, 2).reshape(5, 1, 2), _y(5, 2).reshape(5, 1, 2)]
+    for n, y in enumerate(states * 3):
+        assert torch.equal(fast.sample(0.0, y, 0.1), general.sample(0.0, y, 0.1))
+        if n % 5 == 4:
+            for drift in (fast, general):
+                drift._uniforms.numpy(3)  # another consumer of the stream
+    assert isinstance(fast._fast, mlsde._fast._FastSample)
+    _same_stats(fast.stats, general.stats)
 
 
 def test_fast_path_ends_when_the_drift_changes_and_keeps_its_counts():
@@ -103,6 +135,35 @@ def test_fast_path_counts_only_the_levels_that_ran_when_one_fails():
     with pytest.raises(RuntimeError, match="level blew up"):
         drift.sample(0.0, y, 0.1)
     assert drift.stats.steps == 4 and drift.stats.calls == [3, 3]  # the failed call of level 2 does not count
+
+
+@pytest.mark.parametrize("failure", ["raises", "wrong shape"])
+def test_per_sample_fast_path_counts_only_the_levels_that_ran_when_one_fails(failure):
+    def flaky(calls):
+        def level(t, y):
+            calls["n"] += 1
+            if calls["n"] == 6:
+                if failure == "raises":
+                    raise RuntimeError("level blew up")
+                return y[:, :1]
+            return -y
+        return level
+
+    fast_calls, general_calls = {"n": 0}, {"n": 0}
+    fast, general = _twins([1.0, 0.5, 0.5], "sample")
+    for drift, calls in ((fast, fast_calls), (general, general_calls)):
+        drift.levels[2] = mlsde.drift._FunctionLevel(flaky(calls))
+    y = _y(8)
+    for drift in (fast, general):
+        with pytest.raises((RuntimeError, ValueError), match="blew up|returned shape"):
+            for _ in range(40):
+                drift.sample(0.0, y, 0.1)
+    assert fast._fast is not None
+    _same_stats(fast.stats, general.stats)
+    assert fast_calls == general_calls
+    for _ in range(10):  # and they go on in step
+        assert torch.equal(fast.sample(0.0, y, 0.1), general.sample(0.0, y, 0.1))
+    _same_stats(fast.stats, general.stats)
 
 
 # -- deferred checks in the solvers -----------------------------------------------------------------------------
