@@ -60,11 +60,12 @@ class _FastBatch:
 class _SampleBlock:
     """The next ``steps`` steps of one plan with per-sample coins, worked out from the uniforms they consume.
 
-    For step ``s``: ``coins[s]`` bool ``(k, batch)``; ``terms[s]`` the levels to evaluate, top first, as
-    ``(m, module key, rows, coefficient)``: ``rows`` None for the whole batch (``coefficient`` a float when
-    every sample has the same one, else a tensor ``(batch, 1, ...)``) or an index tensor of the sub-batch
-    (``coefficient`` None: its terms are scattered at the end); ``scatter[s]`` is ``(rows, coefficients)`` of
-    all sub-batch terms in that order (None without any); ``counts[s]`` the samples each level runs on.
+    For step ``s``: ``coins[s]`` bool ``(k, batch)``; ``scatter[s]`` is ``(rows, coefficients)`` of all the
+    step's sub-batch terms, top level first (None without any): the step gathers ``y[rows]`` once;
+    ``terms[s]`` the levels to evaluate, top first, as ``(m, module key, part, coefficient)``: ``part`` None for
+    the whole batch (``coefficient`` a float when every sample has the same one, else a tensor
+    ``(batch, 1, ...)``) or the slice of the gathered rows that is the level's sub-batch (``coefficient`` None:
+    its terms are scattered at the end); ``counts[s]`` the samples each level runs on.
     """
 
     __slots__ = ("steps", "next", "accounted", "width", "position", "dtype", "device", "ndim",
@@ -94,8 +95,6 @@ class _SampleBlock:
         step_of, reversed_level, rows = np.nonzero((need & sub[:, :, None])[:, ::-1])
         level = k - 1 - reversed_level
         row_coef = coins[step_of, level, rows] * inverse[level] - coins[step_of, level + 1, rows] * inverse[level + 1]
-        sizes = counts[:, ::-1][sub[:, ::-1]].tolist()  # the sub-batches in that order
-        sub_rows = torch.split(_on_device(torch.from_numpy(rows), like.device), sizes) if sizes else ()
         per_step = np.bincount(step_of, minlength=steps).tolist()
         scatter_rows = torch.split(_on_device(torch.from_numpy(rows), like.device), per_step)
         scatter_coef = torch.split(_host_to_like(row_coef, like).reshape(-1, *trailing), per_step)
@@ -107,14 +106,15 @@ class _SampleBlock:
         self.coins, self.counts = coins[:, :k], counts.tolist()
         self.terms, self.scatter = [], []
         first_rows = coins[:, :, 0].tolist()  # sample 0's coins: the coefficient of an all-or-none level
-        next_sub, next_whole = iter(sub_rows), iter(whole_coef_t)
+        next_whole = iter(whole_coef_t)
         plain = inverse.tolist()
         for s, (step_counts, step_sub, step_whole, first) in enumerate(
                 zip(self.counts, sub.tolist(), whole.tolist(), first_rows)):
-            terms = []
+            terms, start = [], 0
             for m in range(k - 1, -1, -1):
-                if step_sub[m]:
-                    terms.append((m, modules[m], next(next_sub), None))
+                if step_sub[m]:  # its rows of the step's gathered sub-batch rows
+                    terms.append((m, modules[m], slice(start, start + step_counts[m]), None))
+                    start += step_counts[m]
                 elif step_whole[m]:
                     terms.append((m, modules[m], None, next(next_whole)))
                 elif step_counts[m]:

@@ -596,8 +596,10 @@ class MultilevelDrift(nn.Module):
         modules, wall, perf_counter = self._modules["levels"]._modules, fast.wall, time.perf_counter
         outputs, scattered = {}, []
         out, owned = None, False
-        for m, name, rows, c in block.terms[s]:  # the top level first
-            x = y if rows is None else y.index_select(0, rows)
+        scatter = block.scatter[s]
+        gathered = None if scatter is None else y.index_select(0, scatter[0])  # every sub-batch, one gather
+        for m, name, part, c in block.terms[s]:  # the top level first
+            x = y if part is None else gathered[part]
             start = perf_counter()
             try:
                 f_m = modules[name](t, x)
@@ -612,13 +614,12 @@ class MultilevelDrift(nn.Module):
                 except (TypeError, ValueError):
                     fast.fail(outputs, self._stats_targets)
                     raise
-            if rows is not None:
+            if part is not None:
                 scattered.append(f_m)
             elif c.__class__ is float:
                 out, owned = _accumulate(out, owned, f_m, c)
             else:
                 out, owned = _accumulate_scaled(out, owned, f_m, c)
-        scatter = block.scatter[s]
         if scatter is not None:
             rows, coefficients = scatter
             terms = torch.cat(scattered) if len(scattered) > 1 else scattered[0].clone()
