@@ -84,7 +84,8 @@ def test_per_sample_fast_path_follows_changes_of_the_state_and_other_draws_of_th
     """A new dtype, shape or batch size, and uniforms taken by someone else in between, start a fresh block
     at the stream's position: the coins and estimates stay the general path's."""
     fast, general = _twins([1.0, 0.5, 0.25], "sample")
-    states = [_y(), _y(), _y().float(), _y().float(), _y(7), _y(7), _y(5, 2).reshape(5, 1, 2), _y(5, 2).reshape(5, 1, 2)]
+    states = [_y(), _y(), _y().float(), _y().float(), _y(7), _y(7), _y(5, 2).reshape(5, 1, 2), _y(5, 2).reshape(5, 1, 2),
+              _y(1), _y(1)]
     for n, y in enumerate(states * 3):
         assert torch.equal(fast.sample(0.0, y, 0.1), general.sample(0.0, y, 0.1))
         if n % 5 == 4:
