@@ -62,11 +62,11 @@ class UniformStream:
         where = self._take(n)  # first: it may refill the buffer
         return self._array[where]
 
-    def lookahead(self, width: int, max_rows: int) -> tuple[np.ndarray, int]:
+    def lookahead(self, width: int, max_rows: int) -> tuple[np.ndarray, tuple[int, int]]:
         """The next uniforms in whole rows of ``width``, float64 ``(rows, width)`` with ``1 <= rows <= max_rows``
         (as many as the buffer holds, refilled first when it holds less than one row), without advancing; and
-        the stream position of the first row. ``advance(width)`` then consumes one row, exactly as
-        ``numpy(width)`` would, while ``position()`` still equals what it was when the row was looked at."""
+        the stream's ``position()``. ``advance(width)`` then consumes one row, exactly as ``numpy(width)``
+        would; the rows still ahead are valid while ``position()`` is where the last advance left it."""
         self._ensure(width)
         rows = max(1, min(max_rows, (self._buffer.numel() - self._pos) // width))
         return self._array[self._pos:self._pos + rows * width].reshape(rows, width), self.position()
