@@ -1,6 +1,7 @@
 """The steady paths of MultilevelDrift (batch coins as integer codes with statistics counted per coin pattern;
-per-sample coins worked out a block of steps at a time) give what the general path gives, and mlsde's own solvers check their state every CHECK_EVERY steps instead of every
-estimate, yet still name the level (or the noise, or the state) and the time when something turns NaN/inf."""
+per-sample coins worked out a block of steps at a time) give what the general path gives, and mlsde's own
+solvers check their state every CHECK_EVERY steps instead of every estimate, yet still name the level (or the
+noise, or the state) and the time when something turns NaN/inf."""
 
 from __future__ import annotations
 
