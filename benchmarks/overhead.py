@@ -219,16 +219,21 @@ def run_interleaved(variants: dict, repeats: int, gate: QuietGate, log=print, ma
     return recs
 
 
+def clean_pairs(ml: list, baseline: list, gate: QuietGate) -> list:
+    """The ``(ml, baseline)`` runs of each repetition where both were undisturbed."""
+    return [(a, b) for a, b in zip(ml, baseline) if is_clean(a, gate) and is_clean(b, gate)]
+
+
 def paired_fracs(ml: list, baseline: list, gate: QuietGate) -> list:
     """``(T_ml - T_baseline) / T_ml`` of each repetition where both runs were undisturbed."""
-    return [(a["s"] - b["s"]) / a["s"] for a, b in zip(ml, baseline) if is_clean(a, gate) and is_clean(b, gate)]
+    return [(a["s"] - b["s"]) / a["s"] for a, b in clean_pairs(ml, baseline, gate)]
 
 
 def paired_outside(ml: list, baseline: list, gate: QuietGate) -> tuple[list, list]:
     """``(T - L)_ml - (T - L)_baseline`` in seconds and as a fraction of ``T_ml``, for each repetition where both
     runs were undisturbed: the time outside level calls that the ML solve adds to the baseline's, free of the
     run-to-run spread of the level calls themselves (``L``: ``extra["level_time"]``)."""
-    pairs = [(a, b) for a, b in zip(ml, baseline) if is_clean(a, gate) and is_clean(b, gate)]
+    pairs = clean_pairs(ml, baseline, gate)
     seconds = [(a["s"] - a["extra"]["level_time"]) - (b["s"] - b["extra"]["level_time"]) for a, b in pairs]
     return seconds, [x / a["s"] for x, (a, _) in zip(seconds, pairs)]
 
@@ -446,14 +451,14 @@ class MinimalMLDrift:
 
     ``plan[n] = (terms, chain, scatter)`` for step n: ``terms`` lists ``(level, rows, coefficient)``, ``rows``
     None (the whole batch) or the slice of the step's gathered sub-batch rows that is the level's sub-batch,
-    ``coefficient`` a float or a ``(rows, 1)`` tensor (per-sample coins); ``chain``, when not None, is the library's cheaper form of a whole-batch sum of
-    float terms (``(level, [(level, lerp weight), ...])``, one operation per term but the first); ``scatter``
-    the rows and coefficients of all sub-batch terms, concatenated (None without any). A step does only the
-    tensor work no implementation can skip: the sub-batch gather (one for all levels), the level calls, the weighted sum (a term
-    with coefficient 1 first and free, one multiply or fused add per other whole-batch term, or the lerp
-    chain; the sub-batch outputs concatenated, multiplied and added in with one ``index_add_``); no per-step
-    finiteness check (the library's drift leaves it to the solver, which checks its state every
-    ``CHECK_EVERY`` steps).
+    ``coefficient`` a float or a ``(rows, 1)`` tensor (per-sample coins); ``chain``, when not None, is the
+    library's cheaper form of a whole-batch sum of float terms (``(level, [(level, lerp weight), ...])``, one
+    operation per term but the first); ``scatter`` the rows and coefficients of all sub-batch terms,
+    concatenated (None without any). A step does only the tensor work no implementation can skip: one gather
+    of all sub-batch rows, the level calls, the weighted sum (a term with coefficient 1 first and free, one
+    multiply or fused add per other whole-batch term, or the lerp chain; the sub-batch outputs concatenated,
+    multiplied and added in with one ``index_add_``); no per-step finiteness check (the library's drift leaves
+    it to the solver, which checks its state every ``CHECK_EVERY`` steps).
     The time inside the calls and inside the levels accumulate in ``inside_s`` and ``level_s``."""
 
     def __init__(self, levels, plan):
@@ -528,8 +533,7 @@ def minimal_plan(records: list, calls: list, batch: int, dtype: torch.dtype) -> 
         if all(isinstance(c, float) for _, _, c in full):  # one number per level: the library's cheapest sum
             chain = _lerp_chain([(m, c) for m, _, c in full]) if not sub else None
             full = [(m, None, c) for m, c in _start_with_unit([(m, c) for m, _, c in full])] if full else full
-        terms = full + sub
-        made = sorted((m, batch if r is None else len(r)) for m, r, _ in terms)
+        made = sorted([(m, batch) for m, _, _ in full] + [(m, len(r)) for m, r, _ in sub])
         if made != sorted(step_calls):
             raise RuntimeError(f"the minimal plan's calls {made} differ from the library's {sorted(step_calls)}")
         scatter = (torch.cat([r for _, r, _ in sub]), torch.cat([c for _, _, c in sub])) if sub else None
