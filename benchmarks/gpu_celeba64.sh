@@ -5,12 +5,14 @@
 #   bash benchmarks/gpu_celeba64.sh                      # on an H200: about 10 minutes
 #   SIZE=16 STEPS=20 HELDOUT=4 TINY=1 DEVICE=cpu bash benchmarks/gpu_celeba64.sh   # CPU smoke test (~3 min)
 #   SELECTED=1 bash benchmarks/gpu_celeba64.sh           # + the weight-selection lever (step 3; more minutes)
+#   NESTED=1 bash benchmarks/gpu_celeba64.sh             # + one nested UNet whose widths are the ladder (step 4)
 #
 # Settings (environment): CELEBA (a CelebA folder; default: unpack ../shared/data/celeba-10k.tar),
 # OUT (default benchmarks/results/celeba64-gpu), WORK (checkpoints; default a temporary folder), SIZE (64),
 # STEPS (training steps per network), BATCH (training batch), HELDOUT (held-out images), DEVICE (cuda),
 # PRESETS (the ladder), TINY=1 (a minimal experiment for smoke tests), SELECTED=1 (step 3: students started from
-# the top network's weights; SELECTED_PRESETS, default paper-2,paper-3: widths 32 and 48 of the top's 96).
+# the top network's weights; SELECTED_PRESETS, default paper-2,paper-3: widths 32 and 48 of the top's 96),
+# NESTED=1 (step 4: the nested-paper NestedUNet, widths 16..96, trained jointly for NESTED_STEPS, default STEPS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -80,4 +82,23 @@ if [ "${SELECTED:-0}" = "1" ]; then
   printf '{"train_seconds": %d, "experiment_seconds": %d}\n' $((SELECTED_TRAINED - END)) \
     $((SELECTED_END - SELECTED_TRAINED)) > "$OUT/selected/timing.json"
   echo "done in $((SELECTED_END - START)) s: $OUT/selected/report.md"
+fi
+
+# 4. (NESTED=1) a ladder built for ML-EM: one NestedUNet (nested-paper: widths 16, 24, 32, 48, 64, 96 of one set of
+#    weights, every width trained at each step, the smaller ones regressing the top's eps), then the same
+#    experiment over all its widths into $OUT/nested
+if [ "${NESTED:-0}" = "1" ]; then
+  NESTED_START=$(date +%s)
+  "$PY" -m multilevel_sde.cli train --nested nested-paper --data "celeba:$CELEBA" --image-size "$SIZE" \
+    --steps "${NESTED_STEPS:-$STEPS}" --batch-size "$BATCH" --lr 1e-3 --warmup 100 --eval-every 0 \
+    --checkpoint-every 0 --device "$DEVICE" "${AUTOCAST[@]}" --no-progress --out "$WORK/nested" \
+    > "$OUT/nested-train.json"
+  NESTED_TRAINED=$(date +%s)
+  "$PY" -m multilevel_sde.cli experiment "$WORK/nested" --out "$OUT/nested" --heldout "$HELDOUT" \
+    --device "$DEVICE" --mlem-networks 0,1,2,3,4,5 --title "CelebA ${SIZE}x${SIZE}, nested-paper (GPU)" \
+    --no-progress "${SIZES[@]}"
+  NESTED_END=$(date +%s)
+  printf '{"train_seconds": %d, "experiment_seconds": %d}\n' $((NESTED_TRAINED - NESTED_START)) \
+    $((NESTED_END - NESTED_TRAINED)) > "$OUT/nested/timing.json"
+  echo "done in $((NESTED_END - START)) s: $OUT/nested/report.md"
 fi

@@ -1,20 +1,35 @@
-"""Error against cost for EM and ML-EM on synthetic HTMC ladders: the polynomial speedup, measured.
+"""Error against cost for EM and ML-EM on synthetic HTMC ladders: the polynomial speedup, measured (spec §12.10).
 
 For each cost exponent gamma and target accuracy eps = 2^-j, the ladder has k = j levels
-(``problems.htmc_ladder``: |f^l - f| <= 2^-l, cost 2^(gamma l)). Methods, all on the same Brownian paths:
+(``problems.htmc_ladder``: |f^l - f| <= 2^-l, cost 2^(gamma l)). Every method runs on the same Brownian paths;
+the error is the RMS over paths of |X_T - X_T^ref| (X^ref: fine-step EM of the true drift), the cost the
+realised cost per path by the exact rule. EM uses the top level at dt = eps; ML-EM dt = eps / 4 (its network
+cost does not depend on dt).
 
-- EM with the top level f^k and dt = eps;
-- ML-EM with Theorem 1's probabilities (the spec's constant), with independent and with stratified coins;
-- ML-EM with inverse-cost probabilities per unit time, p_l = min(1, eps^-gamma dt / C_l);
-- the Poisson-jump solver with Theorem 1's rates;
-- beyond the spec: Theorem 1's probabilities scaled by 0.1 with stratified coins (the theorem's constant is a
-  worst-case bound; low-variance coins let the constant shrink at little cost in error).
+PRE-REGISTERED, fixed before the run; the headline and the targets use nothing else:
 
-ML-EM methods step with dt = eps / 4 (their network cost does not depend on dt). The error is the RMS
-over paths of |X_T - X_T^ref| with X^ref the fine-step EM solution of the true drift; the cost is the
-realised cost per path by the exact rule. Exponents are fitted as cost ~ error^-beta with 95% intervals.
+- variant: ML-EM with Theorem 1's probabilities at the spec's constant (A = 9 G_k / eps^2), independent coins
+  (the paper's), one coin per sample, dt = eps / 4: ``mlem_theorem1``;
+- fit: cost ~ error^-beta, least squares in log-log with 95 % regression intervals, over the accuracies where
+  the variant has some p < 1 (where every p = 1 ML-EM is EM with f^k, and says nothing about ML-EM); EM is
+  fitted over the same accuracies;
+- targets (checked and printed for each gamma):
+  T1  EM's exponent: gamma + 1 inside its interval;
+  T2  ML-EM's exponent: the asymptotic max(gamma, 2) inside its interval;
+  T3  ML-EM's exponent: Theorem 1's finite-k prediction, 2 + d log G_k^2 / d log(1/eps) over the fitted
+      accuracies, inside its interval;
+  T4  separation (spec): ML-EM's exponent < EM's - 0.4 (point estimates);
+  T5  gamma = 3 only (spec): ML-EM's exponent in [3, 3.4] (point estimate);
+  T6  gamma < 2 only (spec): 2 inside ML-EM's interval;
+- headline: EM's cost over ML-EM's at ML-EM's smallest error (EM's cost by log-log interpolation, extrapolated
+  from EM's last two points when ML-EM's smallest error lies below EM's: the factor is recorded).
 
-    python benchmarks/toy_scaling.py --quick   # <= 2 minutes, writes results/toy_scaling_quick.json
+EXPLORATORY, measured on the same paths, reported beside the headline but never used for it (no maximum over
+them is taken): the Poisson-jump solver with Theorem 1's rates; Theorem 1 with comonotone coins (unbiased) and
+with stratified coins (lower variance, biased path); Theorem 1's constant times 0.1 with independent and with
+stratified coins; inverse cost per unit time, p_l = min(1, eps^-gamma dt / C_l).
+
+    python benchmarks/toy_scaling.py --quick   # ~2 minutes, writes results/toy_scaling_quick.json
     python benchmarks/toy_scaling.py           # full run, writes results/toy_scaling.json and .png
 """
 
@@ -35,9 +50,12 @@ import multilevel_sde as mlsde
 from multilevel_sde.problems import htmc_ladder, htmc_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("em", "mlem_theorem1", "mlem_theorem1_stratified", "mlem_inverse_cost", "poisson_theorem1",
-           "mlem_theorem1_x0.1_stratified")
+PRIMARY = "mlem_theorem1"
+EXPLORATORY = ("poisson_theorem1", "mlem_theorem1_comonotone", "mlem_theorem1_stratified", "mlem_theorem1_x0.1",
+               "mlem_theorem1_x0.1_stratified", "mlem_inverse_cost")
+METHODS = ("em", PRIMARY) + EXPLORATORY
 ML_METHODS = METHODS[1:]
+BIASED = ("mlem_theorem1_stratified", "mlem_theorem1_x0.1_stratified")  # stratified coins: the path is biased
 
 
 def run_accuracy(gamma: float, j: int, paths: int, d: int, seed: int, fine_exp: int) -> dict:
@@ -60,15 +78,18 @@ def run_accuracy(gamma: float, j: int, paths: int, d: int, seed: int, fine_exp: 
         return {"error": err, "cost": cost / paths, "expected_cost": stats.expected_cost / paths,
                 "seconds": seconds, "dt": dt, "evaluations": stats.evaluations}
 
-    out = {"eps": eps, "k": k}
+    theorem = mlsde.Theorem1(eps=eps, gamma=gamma)
+    p = ladder.drift(theorem).probabilities_at(0.0, dt_ml)  # Theorem 1's p depend on dt only
+    out = {"eps": eps, "k": k, "p_theorem1": p.tolist(), "fitted": bool((p < 1).any())}
     top = ladder.levels[-1]
     out["em"] = measure(mlsde.MultilevelSDE(top, sigma), eps, stats_cost=lambda s: s.evaluations[0] * ladder.costs[-1])
-    theorem = mlsde.Theorem1(eps=eps, gamma=gamma)
-    for name, coins in (("mlem_theorem1", "independent"), ("mlem_theorem1_stratified", "stratified")):
+    for name, coins in ((PRIMARY, "independent"), ("mlem_theorem1_comonotone", "comonotone"),
+                        ("mlem_theorem1_stratified", "stratified")):
         drift = ladder.drift(theorem, coupling="sample", coins=coins)
         out[name] = measure(mlsde.MultilevelSDE(drift, sigma), dt_ml)
-    tuned = ladder.drift(mlsde.Theorem1(eps=eps, gamma=gamma, scale=0.1), coupling="sample", coins="stratified")
-    out["mlem_theorem1_x0.1_stratified"] = measure(mlsde.MultilevelSDE(tuned, sigma), dt_ml)
+    tenth = mlsde.Theorem1(eps=eps, gamma=gamma, scale=0.1)
+    for name, coins in (("mlem_theorem1_x0.1", "independent"), ("mlem_theorem1_x0.1_stratified", "stratified")):
+        out[name] = measure(mlsde.MultilevelSDE(ladder.drift(tenth, coupling="sample", coins=coins), sigma), dt_ml)
     inverse = mlsde.InverseCost(c=eps**-gamma, per_unit_time=True)
     out["mlem_inverse_cost"] = measure(mlsde.MultilevelSDE(ladder.drift(inverse, coupling="sample"), sigma), dt_ml)
     poisson_drift = ladder.drift(theorem, coupling="sample")
@@ -76,11 +97,14 @@ def run_accuracy(gamma: float, j: int, paths: int, d: int, seed: int, fine_exp: 
     return out
 
 
-def fit(points: list, method: str, skip: int = 0) -> dict:
-    errors = [p[method]["error"] for p in points[skip:]]
-    costs = [p[method]["cost"] for p in points[skip:]]
+def fit(points: list, method: str) -> dict:
+    """Cost exponent of ``method`` over ``points`` (the pre-registered accuracies), with its 95 % interval."""
+    errors = [p[method]["error"] for p in points]
+    costs = [p[method]["cost"] for p in points]
     f = mlsde.cost_exponent(errors, costs)
-    return {"exponent": f.slope, "interval": list(f.interval), "intercept": f.intercept, "points": len(errors)}
+    half = (f.interval[1] - f.interval[0]) / 2
+    return {"exponent": f.slope, "interval": list(f.interval), "half_width": half, "intercept": f.intercept,
+            "points": len(errors), "eps": [p["eps"] for p in points]}
 
 
 def cost_at_error(points: list, method: str, error: float) -> float:
@@ -100,33 +124,51 @@ def cost_at_error(points: list, method: str, error: float) -> float:
     return float(math.exp(costs[i] + slope * (x - errs[i])))
 
 
+def _inside(value: float, interval) -> bool:
+    return interval[0] <= value <= interval[1]
+
+
+def targets(gamma: float, fits: dict, predicted: float) -> dict:
+    """The pre-registered targets (module docstring): {name: {"holds": bool, "what": str}}."""
+    em, ml = fits["em"], fits[PRIMARY]
+    out = {
+        "T1": (_inside(gamma + 1, em["interval"]), f"EM exponent {em['exponent']:.2f} "
+               f"[{em['interval'][0]:.2f}, {em['interval'][1]:.2f}] contains gamma + 1 = {gamma + 1:g}"),
+        "T2": (_inside(max(gamma, 2.0), ml["interval"]), f"ML-EM exponent {ml['exponent']:.2f} "
+               f"[{ml['interval'][0]:.2f}, {ml['interval'][1]:.2f}] contains max(gamma, 2) = {max(gamma, 2.0):g}"),
+        "T3": (_inside(predicted, ml["interval"]), f"ML-EM exponent's interval contains Theorem 1's finite-k "
+               f"prediction {predicted:.2f}"),
+        "T4": (ml["exponent"] < em["exponent"] - 0.4, f"ML-EM exponent {ml['exponent']:.2f} < EM's "
+               f"{em['exponent']:.2f} - 0.4 (gap {em['exponent'] - ml['exponent']:.2f} +- "
+               f"{math.hypot(em['half_width'], ml['half_width']):.2f}, the intervals combined as if independent)"),
+    }
+    if gamma == 3.0:
+        out["T5"] = (3.0 <= ml["exponent"] <= 3.4, f"ML-EM exponent {ml['exponent']:.2f} in [3, 3.4]")
+    if gamma < 2:
+        out["T6"] = (_inside(2.0, ml["interval"]), "ML-EM exponent's interval contains 2")
+    return {name: {"holds": bool(holds), "what": what} for name, (holds, what) in out.items()}
+
+
 def summarise(gamma: float, points: list) -> dict:
-    fits = {m: fit(points, m) for m in METHODS}
-    fits_asymptotic = {m: fit(points, m, skip=1) for m in METHODS}  # without the coarsest eps
-    ml = points[-1]["mlem_theorem1"]
-    em_cost = cost_at_error(points, "em", ml["error"])
-    speedups = {m: cost_at_error(points, "em", points[-1][m]["error"]) / points[-1][m]["cost"] for m in ML_METHODS}
-    best = max(speedups, key=speedups.get)
+    fitted = [p for p in points if p["fitted"]]
+    fits = {m: fit(fitted, m) for m in METHODS}
     # Theorem 1's cost grows like G_k^2 / eps^2: over few levels G_k is far from its asymptote
-    g = [mlsde.Theorem1(eps=p["eps"], gamma=gamma).G_k for p in points]
-    predicted = max(gamma, 2.0) if len(g) < 2 else 2.0 + 2 * math.log(g[-1] / g[0]) / math.log(points[0]["eps"] / points[-1]["eps"])
+    g = [mlsde.Theorem1(eps=p["eps"], gamma=gamma).G_k for p in fitted]
+    predicted = 2.0 + 2 * math.log(g[-1] / g[0]) / math.log(fitted[0]["eps"] / fitted[-1]["eps"])
+    last = fitted[-1]
+    headline = cost_at_error(fitted, "em", last[PRIMARY]["error"]) / last[PRIMARY]["cost"]
+    exploratory = {m: cost_at_error(fitted, "em", last[m]["error"]) / last[m]["cost"] for m in EXPLORATORY}
     return {
         "gamma": gamma,
-        "em_exponent": fits["em"]["exponent"],
-        "mlem_exponent": fits["mlem_theorem1"]["exponent"],
-        "poisson_exponent": fits["poisson_theorem1"]["exponent"],
-        "stratified_exponent": fits["mlem_theorem1_stratified"]["exponent"],
-        "inverse_cost_exponent": fits["mlem_inverse_cost"]["exponent"],
+        "fitted_eps": [p["eps"] for p in fitted],
         "fits": fits,
-        "fits_without_coarsest": fits_asymptotic,
-        "theory": {"em": gamma + 1, "mlem": max(gamma, 2.0), "mlem_theorem1_over_these_k": predicted},
-        "speedups_at_min_error": speedups,
-        "best_method": best,
-        "best_speedup_at_min_error": speedups[best],
-        "min_error_mlem": ml["error"],
-        "em_cost_at_min_error": em_cost,
-        "mlem_cost_at_min_error": ml["cost"],
-        "speedup_at_min_error": em_cost / ml["cost"],
+        "theory": {"em": gamma + 1, "mlem": max(gamma, 2.0), "mlem_theorem1_over_fitted_k": predicted},
+        "targets": targets(gamma, fits, predicted),
+        "headline_speedup_at_min_error": headline,
+        "min_error_mlem": last[PRIMARY]["error"],
+        # EM's cost there is extrapolated past EM's smallest error when ML-EM's is smaller (by this factor)
+        "em_extrapolated_by": max(1.0, min(p["em"]["error"] for p in fitted) / last[PRIMARY]["error"]),
+        "exploratory_speedups_at_min_error": exploratory,
         "points": points,
     }
 
@@ -137,30 +179,44 @@ def plot(summaries: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summaries), figsize=(4.2 * len(summaries), 4), squeeze=False)
-    styles = {"em": "o-", "mlem_theorem1": "s-", "mlem_theorem1_stratified": "^-", "mlem_inverse_cost": "d-",
-              "poisson_theorem1": "x--", "mlem_theorem1_x0.1_stratified": "v-"}
+    fig, axes = plt.subplots(1, len(summaries), figsize=(4.4 * len(summaries), 4.2), squeeze=False)
+    styles = {"em": ("o-", 1.8), PRIMARY: ("s-", 1.8), "poisson_theorem1": ("x:", 0.8),
+              "mlem_theorem1_comonotone": ("P:", 0.8), "mlem_theorem1_stratified": ("^:", 0.8),
+              "mlem_theorem1_x0.1": ("D:", 0.8), "mlem_theorem1_x0.1_stratified": ("v:", 0.8),
+              "mlem_inverse_cost": ("d:", 0.8)}
     for ax, s in zip(axes[0], summaries):
         for m in METHODS:
-            errs = [p[m]["error"] for p in s["points"]]
-            costs = [p[m]["cost"] for p in s["points"]]
-            ax.loglog(errs, costs, styles[m], label=f"{m} ({s['fits'][m]['exponent']:.2f})", ms=4)
-        e = np.array([p["em"]["error"] for p in s["points"]])
-        anchor = s["points"][0]["mlem_theorem1"]
-        for slope, style, label in ((s["theory"]["em"], ":", "slope γ+1"), (s["theory"]["mlem"], "-.", "slope max(γ,2)")):
-            ax.loglog(e, anchor["cost"] * (e / anchor["error"]) ** -slope, "k" + style, lw=0.8, label=label)
+            style, width = styles[m]
+            fitted = [p for p in s["points"] if p["fitted"]]
+            label = m + (" †" if m in BIASED else "") + f" ({s['fits'][m]['exponent']:.2f})"
+            line, = ax.loglog([p[m]["error"] for p in fitted], [p[m]["cost"] for p in fitted], style, lw=width,
+                              ms=4, label=label)
+            skipped = [p for p in s["points"] if not p["fitted"]]
+            if skipped:  # not fitted (every p = 1): hollow
+                ax.loglog([p[m]["error"] for p in skipped], [p[m]["cost"] for p in skipped], style[0],
+                          mfc="none", color=line.get_color(), ms=4)
+        e = np.array([p["em"]["error"] for p in s["points"] if p["fitted"]])
+        anchor = next(p for p in s["points"] if p["fitted"])[PRIMARY]
+        for slope, style, label in ((s["theory"]["em"], "--", "slope γ+1"), (s["theory"]["mlem"], "-.", "slope max(γ,2)")):
+            ax.loglog(e, anchor["cost"] * (e / anchor["error"]) ** -slope, "k" + style, lw=0.6, label=label)
         ax.set_title(f"γ = {s['gamma']}")
         ax.set_xlabel("RMS error at T")
         ax.set_ylabel("cost per path")
         ax.invert_xaxis()
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=5.5)
+    fig.suptitle(f"bold: EM and the pre-registered ML-EM ({PRIMARY}); dotted: exploratory; † biased path; "
+                 "hollow: not fitted (every p = 1)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def _interval(f: dict) -> str:
+    return f"{f['exponent']:.2f} [{f['interval'][0]:.2f}, {f['interval'][1]:.2f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="reduced size (<= 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="reduced size (~2 minutes)")
     parser.add_argument("--gammas", type=float, nargs="+", default=[1.5, 2.5, 3.0, 4.0])
     parser.add_argument("--paths", type=int, default=None)
     parser.add_argument("--d", type=int, default=1)
@@ -168,7 +224,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     paths = args.paths or (256 if args.quick else 1024)
-    exps = range(2, 7) if args.quick else range(2, 8)
+    exps = range(2, 7) if args.quick else range(2, 9)
     fine_exp = 10 if args.quick else 12
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -178,16 +234,20 @@ def main() -> None:
         for j in exps:
             points.append(run_accuracy(gamma, j, paths, args.d, args.seed, fine_exp))
             p = points[-1]
-            print(f"gamma={gamma} eps=2^-{j}: " + "  ".join(
-                f"{m}: err {p[m]['error']:.3g} cost {p[m]['cost']:.3g}" for m in METHODS), flush=True)
+            print(f"gamma={gamma} eps=2^-{j} (min p {min(p['p_theorem1']):.3g}{'' if p['fitted'] else ', not fitted'}): "
+                  + "  ".join(f"{m}: err {p[m]['error']:.3g} cost {p[m]['cost']:.3g}" for m in METHODS), flush=True)
         summaries.append(summarise(gamma, points))
         s = summaries[-1]
-        print(f"gamma={gamma}: EM exponent {s['em_exponent']:.2f} (theory {gamma + 1}), ML-EM {s['mlem_exponent']:.2f}, "
-              f"Poisson {s['poisson_exponent']:.2f}, stratified {s['stratified_exponent']:.2f}, inverse cost "
-              f"{s['inverse_cost_exponent']:.2f} (theory {max(gamma, 2.0)}, Theorem 1 over these k "
-              f"{s['theory']['mlem_theorem1_over_these_k']:.2f}); EM/ML-EM cost at ML-EM's smallest error "
-              f"{s['speedup_at_min_error']:.1f}x; best: {s['best_method']} {s['best_speedup_at_min_error']:.1f}x",
-              flush=True)
+        print(f"gamma={gamma}, fitted over eps = {', '.join(f'2^{round(math.log2(e))}' for e in s['fitted_eps'])}: "
+              f"EM {_interval(s['fits']['em'])} (theory {gamma + 1:g}); ML-EM [{PRIMARY}] {_interval(s['fits'][PRIMARY])} "
+              f"(asymptotic {max(gamma, 2.0):g}, Theorem 1 over these k {s['theory']['mlem_theorem1_over_fitted_k']:.2f}); "
+              f"EM/ML-EM cost at ML-EM's smallest error {s['headline_speedup_at_min_error']:.2f}x (EM extrapolated to an "
+              f"error {s['em_extrapolated_by']:.2f}x below its smallest)", flush=True)
+        for name, t in s["targets"].items():
+            print(f"  {name} {'holds' if t['holds'] else 'FAILS'}: {t['what']}", flush=True)
+        print("  exploratory (not pre-registered): " + "; ".join(
+            f"{m}{' (biased path)' if m in BIASED else ''} {_interval(s['fits'][m])}, "
+            f"{s['exploratory_speedups_at_min_error'][m]:.2f}x" for m in EXPLORATORY), flush=True)
     name = "toy_scaling_quick" if args.quick else "toy_scaling"
     out = args.out or RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,6 +255,9 @@ def main() -> None:
         "command": "python benchmarks/toy_scaling.py" + (" --quick" if args.quick else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "pre_registered": {"variant": PRIMARY, "fit": "accuracies where the variant has some p < 1; EM over the same",
+                           "targets": "T1-T6 of the module docstring", "exploratory": list(EXPLORATORY),
+                           "biased_path": list(BIASED)},
         "settings": {"paths": paths, "d": args.d, "eps": [2.0**-j for j in exps], "fine_dt": 2.0**-fine_exp,
                      "ml_dt": "eps/4", "em_dt": "eps", "seed": args.seed, "T": 1.0, "sigma": 1.0},
         "seconds": time.perf_counter() - started,

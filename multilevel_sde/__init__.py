@@ -9,12 +9,12 @@ ladder of approximators of increasing accuracy and cost.
 
 from . import problems
 from .brownian import GridBrownian
-from .coins import CoinScheme, IndependentCoins, Replay, StratifiedCoins
+from .coins import CoinScheme, ComonotoneCoins, IndependentCoins, Replay, StratifiedCoins
 from .cost import flops_per_sample, measure_costs, seconds_per_sample
 from .drift import MultilevelDrift, NonFiniteError
 from .integrate import odeint, sdeint
 from . import learning
-from .probabilities import Constant, InverseCost, PowerLaw, Schedule, Sigmoid, Theorem1
+from .probabilities import Adaptive, Constant, InverseCost, PowerLaw, Schedule, Sigmoid, Theorem1
 from .scaling import GammaEstimate, PowerLawFit, cost_exponent, estimate_gamma, fit_power_law
 from .sde import MultilevelSDE
 from .stats import Stats
@@ -36,9 +36,11 @@ __all__ = [
     "PowerLaw",
     "Theorem1",
     "Sigmoid",
+    "Adaptive",
     "CoinScheme",
     "IndependentCoins",
     "StratifiedCoins",
+    "ComonotoneCoins",
     "Replay",
     "Stats",
     "flops_per_sample",

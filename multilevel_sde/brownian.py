@@ -21,6 +21,7 @@ __all__ = ["GridBrownian", "CACHE_MODES"]
 
 _CHUNK_ELEMENTS = 1 << 24  # increments drawn per chunk, in scalars (64 MiB at float32)
 CACHE_MODES = ("chunk", "all")
+_SNAP_ULPS = 4  # a query this many float32 ulps from a grid time is on it (float32 rounding of accumulated times)
 
 
 class GridBrownian:
@@ -57,6 +58,9 @@ class GridBrownian:
     ):
         from .solvers.grid import uniform_grid, validate_grid
 
+        if times is not None and (t0, t1, dt) != (None, None, None):
+            given = ", ".join(f"{k}={v!r}" for k, v in (("t0", t0), ("t1", t1), ("dt", dt)) if v is not None)
+            raise ValueError(f"GridBrownian takes either times= or t0=, t1=, dt=, not both (got times and {given})")
         if times is None:
             if t0 is None or t1 is None or dt is None:
                 raise ValueError("GridBrownian needs either times= or all of t0=, t1=, dt=")
@@ -133,6 +137,10 @@ class GridBrownian:
         stored increment itself (a view: do not modify)."""
         if stop == start + 1:
             return self.increment(start)
+        if not (isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer))
+                and 0 <= start <= stop <= self.num_steps):  # else the loop below would never end
+            raise IndexError(f"increments({start!r}, {stop!r}): need integers 0 <= start <= stop <= "
+                             f"{self.num_steps} (the grid's steps)")
         total = torch.zeros(self._size, dtype=self._dtype, device=self._device)
         i = start
         while i < stop:
@@ -144,18 +152,23 @@ class GridBrownian:
         return total
 
     def index_of(self, t) -> int:
-        """The grid index of time ``t`` (within a quarter of the local spacing), else a ValueError."""
+        """The grid index of time ``t`` (within a quarter of the spacing around it, or a few float32 ulps),
+        else a ValueError."""
         return int(self.indices_of(np.array([float(t)]))[0])
 
     def indices_of(self, times: np.ndarray) -> np.ndarray:
-        """``index_of`` for many times at once: int64 grid indices, shaped like ``times``. A solver whose grid
-        was accumulated in another dtype (float32 ``t + dt``) still finds its steps on the path's grid."""
+        """``index_of`` for many times at once: int64 grid indices, shaped like ``times``. A time snaps to the
+        nearest grid time when it is within a quarter of the step that contains it (the first or last step
+        outside the grid) or within ``_SNAP_ULPS`` float32 ulps of it, so a solver whose grid was accumulated
+        in another dtype (float32 ``t + dt``) still finds its steps on the path's grid, also next to the
+        sliver of a step that the accumulation ``t <- min(t + dt, t1)`` can leave at the end of a path."""
         query = np.asarray(times, dtype=np.float64)
         right = np.clip(np.searchsorted(self.times, query), 1, len(self.times) - 1)
         left = right - 1
         nearest = np.where(np.abs(self.times[left] - query) <= np.abs(self.times[right] - query), left, right)
-        spacing = self._spacing[np.minimum(nearest, self.num_steps - 1)]
-        off = np.abs(self.times[nearest] - query) > 0.25 * spacing
+        tolerance = np.maximum(0.25 * self._spacing[left],
+                               _SNAP_ULPS * np.spacing(np.abs(query).astype(np.float32)).astype(np.float64))
+        off = np.abs(self.times[nearest] - query) > tolerance
         if off.any():
             bad = int(np.flatnonzero(off.reshape(-1))[0])
             tf, j = float(query.reshape(-1)[bad]), int(nearest.reshape(-1)[bad])

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
+from .files import FolderLock, FolderLockedError
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .diffusion.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, progress=args.progress)
+    run_demo(args.out, quick=args.quick, train=args.train, progress=args.progress)
     return 0
 
 
@@ -24,30 +27,109 @@ def _command_line(args: argparse.Namespace) -> str:
     return " ".join(["mlsde", *map(shlex.quote, getattr(args, "argv", []))])
 
 
-def _ints(text: str) -> tuple:
-    return tuple(int(v) for v in text.split(",") if v.strip())
+def _list(text: str, flag: str, kind: type) -> tuple:
+    """The comma-separated values of ``flag``; a ValueError naming the flag, the value and the bad item."""
+    values = []
+    for item in str(text).split(","):
+        if not item.strip():
+            continue
+        try:
+            value = kind(item)
+        except ValueError:
+            raise ValueError(f"{flag} must be comma-separated {'integers' if kind is int else 'numbers'}, got "
+                             f"{text!r} ({item.strip()!r} is not one)") from None
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"{flag} must hold finite numbers, got {text!r}")
+        values.append(value)
+    return tuple(values)
 
 
-def _floats(text: str) -> tuple:
-    return tuple(float(v) for v in text.split(",") if v.strip())
+def _ints(text: str, flag: str = "the list") -> tuple:
+    return _list(text, flag, int)
 
 
-def _experiment(args: argparse.Namespace) -> int:
-    from .diffusion.experiment import ExperimentConfig, run_experiment
-    from .diffusion.train import load_ladder
+def _floats(text: str, flag: str = "the list") -> tuple:
+    return _list(text, flag, float)
 
-    models, names, shape = load_ladder(args.ladder, device=args.device)
+
+def _at_least(flag: str, value, low: int = 1) -> None:
+    if value is not None and value < low:
+        raise ValueError(f"{flag} must be >= {low}, got {value}")
+
+
+#: what ``mlsde sample --out`` may be (the statistics go beside it as .json)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _written_by(command: str, keys: Sequence[str] = ()):
+    """``owned(path)`` for ``files.check_new_file``: a JSON record an earlier ``command`` wrote (its
+    ``written_by``, or a ``command`` that starts with it, or else all of ``keys``)."""
+    def owned(path: Path) -> bool:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        rows = record if isinstance(record, list) else [record]
+        if not rows or not all(isinstance(r, dict) for r in rows):
+            return False
+        first = rows[0]
+        if first.get("written_by") == command or str(first.get("command", "")).startswith(command):
+            return True
+        return bool(keys) and all(all(k in r for k in keys) for r in rows)
+    return owned
+
+
+def _experiment_config(args: argparse.Namespace):
+    """The ``ExperimentConfig`` of the flags, validated; every message names the flag (``--em-steps``)."""
+    from .diffusion.experiment import ExperimentConfig
+
     thresholds = {k: v for k, v in (("ddpm", args.threshold_ddpm), ("ddim", args.threshold_ddim)) if v is not None}
     config = ExperimentConfig(
         heldout=args.heldout, select=args.select, batch=args.batch, samplers=tuple(args.samplers.split(",")),
-        em_steps=_ints(args.em_steps), reference_steps=args.reference_steps,
-        mlem_networks=_ints(args.mlem_networks) if args.mlem_networks else None, mlem_steps=_ints(args.mlem_steps),
-        p_top=_floats(args.p_top), strategies=tuple(args.strategies.split(",")),
-        stratified=tuple(filter(None, args.stratified.split(","))), coupling=args.coupling, learn_steps=args.learn_steps, learn_batch=args.learn_batch,
-        learn_grid=args.learn_grid, deltas=_floats(args.deltas), tstitch_fractions=_floats(args.tstitch_fractions),
-        tstitch_steps=_ints(args.tstitch_steps), threshold=thresholds or None, seed=args.seed)
-    results = run_experiment(models, shape, args.out, config, names=names, device=args.device,
-                             progress=args.progress, title=args.title, command=_command_line(args))
+        em_steps=_ints(args.em_steps, "--em-steps"), reference_steps=args.reference_steps,
+        mlem_networks=_ints(args.mlem_networks, "--mlem-networks") if args.mlem_networks else None,
+        mlem_steps=_ints(args.mlem_steps, "--mlem-steps"), p_top=_floats(args.p_top, "--p-top"),
+        strategies=tuple(args.strategies.split(",")), stratified=tuple(filter(None, args.stratified.split(","))),
+        coupling=args.coupling, learn_steps=args.learn_steps, learn_batch=args.learn_batch,
+        learn_grid=args.learn_grid, deltas=_floats(args.deltas, "--deltas"),
+        tstitch_fractions=_floats(args.tstitch_fractions, "--tstitch-fractions"),
+        tstitch_steps=_ints(args.tstitch_steps, "--tstitch-steps"), threshold=thresholds or None, seed=args.seed)
+    _at_least("--learn-grid", args.learn_grid)
+    try:
+        return config.validate()
+    except ValueError as err:  # the config's field names, as the flags the user typed
+        raise ValueError(_as_flags(str(err))) from None
+
+
+def _as_flags(text: str) -> str:
+    """An ``ExperimentConfig`` message that starts with a field name (``em_steps must ...``, ``unknown
+    strategies ...``) with the flag instead (``--em-steps``)."""
+    import dataclasses
+    import re
+
+    from .diffusion.experiment import ExperimentConfig
+
+    for field in sorted((f.name for f in dataclasses.fields(ExperimentConfig)), key=len, reverse=True):
+        text = re.sub(rf"^(unknown )?{field}\b", lambda m: (m.group(1) or "") + "--" + field.replace("_", "-"),
+                      text, count=1)
+    return text
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from .diffusion.experiment import Experiment
+    from .diffusion.train import load_ladder
+    from .files import check_writable_folder
+
+    config = _experiment_config(args)  # before any work: bad flags, an unwritable --out
+    check_writable_folder(args.out, "--out")
+    models, names, shape = load_ladder(args.ladder, device=args.device)
+    with FolderLock(args.out, "mlsde experiment"):  # one experiment per folder at a time
+        try:  # what the config says about this ladder (indices, steps against its schedule's T), as flags
+            experiment = Experiment(models, shape, config, args.out, names=names, device=args.device,
+                                    progress=args.progress)
+        except ValueError as err:
+            raise ValueError(_as_flags(str(err))) from None
+        results = experiment.run(title=args.title, command=_command_line(args))
     from .diffusion.demo import format_speedups
 
     print(format_speedups(results))
@@ -61,24 +143,37 @@ def _rescore(args: argparse.Namespace) -> int:
 
     for folder in args.folders:
         print(f"{folder}:")
-        print(format_speedups(rescore(folder)))
+        with FolderLock(folder, "mlsde rescore") if Path(folder).is_dir() else contextlib.nullcontext():
+            print(format_speedups(rescore(folder)))
     return 0
 
 
 def _toy(args: argparse.Namespace) -> int:
     from .demo import format_rows, run_toy_demo
 
-    if args.k < 1 or args.paths < 1:
-        print(f"mlsde toy: --k and --paths must be >= 1, got k={args.k}, paths={args.paths}", file=sys.stderr)
+    for flag, value in (("--k", args.k), ("--d", args.d), ("--paths", args.paths)):
+        if value < 1:
+            print(f"mlsde toy: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if not (math.isfinite(args.gamma) and args.gamma > 0):
+        print(f"mlsde toy: --gamma must be a finite number > 0, got {args.gamma}", file=sys.stderr)
         return 2
+    if args.seed < 0:
+        print(f"mlsde toy: --seed must be >= 0, got {args.seed}", file=sys.stderr)
+        return 2
+    if args.json:  # before any work; an existing file is replaced only if an earlier mlsde toy wrote it
+        from .files import check_new_file
+
+        check_new_file(args.json, "--json", owned=_written_by("mlsde toy", keys=("method", "rms_error", "cost")))
     print(f"ML-EM vs EM on a synthetic ladder: k={args.k} levels, cost of level l = 2^({args.gamma} l), "
           f"d={args.d}, {args.paths} paths on [0, 1], one shared Brownian path per sample.")
     rows = run_toy_demo(k=args.k, gamma=args.gamma, d=args.d, paths=args.paths, seed=args.seed)
     print(format_rows(rows, args.paths))
     print("RMS error against fine-step EM of the true drift; cost in level units per path (exact rule).")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump([row.__dict__ for row in rows], fh, indent=2)
+        from .files import atomic_write_json
+
+        atomic_write_json(args.json, [row.__dict__ for row in rows], indent=2)
         print(f"wrote {args.json}")
     return 0
 
@@ -86,14 +181,55 @@ def _toy(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from .diffusion.train import main as train_main
 
-    return train_main(list(rest))
+    return train_main(list(rest), prog="mlsde train")
+
+
+def _sample_outputs(args: argparse.Namespace) -> Path:
+    """``--out`` of ``mlsde sample``, checked with the numeric flags before anything is loaded: an image name in a
+    writable folder, and neither it nor its ``.json`` a file that an earlier ``mlsde sample`` did not write."""
+    from .files import check_new_file
+
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--image-size", args.image_size),
+                        ("--T", args.T)):
+        _at_least(flag, value)
+    if args.probs:
+        _floats(args.probs, "--probs")
+    out = Path(args.out)
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"--out {args.out!r} must name an image file ({', '.join(IMAGE_SUFFIXES)}); the statistics "
+                         "are written beside it as .json")
+    record = out.with_suffix(".json")
+    owned = _written_by("mlsde sample")
+    check_new_file(record, "--out's statistics file", owned=owned)
+    check_new_file(out, "--out", owned=lambda path: record.exists() and owned(record))
+    return out
+
+
+def _trained_or_typed(trained, schedule, args: argparse.Namespace, given: set):
+    """The schedule to sample with: the one the networks were trained with (None: unknown) unless --schedule or
+    --T is typed; a typed one must be that one."""
+    from .diffusion.schedule import NoiseSchedule, same_schedule
+
+    typed = "--schedule" in given or "--T" in given
+    if trained is None:
+        return NoiseSchedule.named(args.schedule, args.T) if args.T else schedule
+    if not typed:
+        return trained
+    wanted = NoiseSchedule.named(args.schedule if "--schedule" in given else trained.kind, args.T or trained.T)
+    if not same_schedule(wanted, trained):
+        raise ValueError(f"--schedule {wanted.kind} --T {wanted.T} is not the schedule the levels were trained with "
+                         f"({trained.kind}, T={trained.T}; {', '.join(args.levels)}): leave --schedule and --T out "
+                         "to sample with it")
+    return trained
 
 
 def _sample(args: argparse.Namespace) -> int:
     from .diffusion.data import save_image_grid
+    from .diffusion.external import DiffusersModel, is_diffusers_folder, load_diffusers_level
     from .diffusion.sample import sample
     from .diffusion.schedule import NoiseSchedule
-    from .diffusion.train import load_level
+    from .diffusion.train import load_level, trained_schedule
+    from .files import atomic_write_json
     from .probabilities import InverseCost
 
     paths = [p for entry in args.levels for p in entry.split(",") if p]
@@ -101,58 +237,94 @@ def _sample(args: argparse.Namespace) -> int:
     if missing:
         print(f"mlsde sample: checkpoint(s) not found: {missing}", file=sys.stderr)
         return 2
-    models = [load_level(p, device=args.device) for p in paths]
+    out = _sample_outputs(args)  # before any work: the flags, and files it may write
+    # a diffusers save_pretrained folder is a level too, with its scheduler's schedule and prediction_type
+    models = [load_diffusers_level(p, device=args.device) if is_diffusers_folder(p) else
+              load_level(p, device=args.device) for p in paths]
+    given = {a.split("=")[0] for a in getattr(args, "argv", [])}  # options typed, not defaulted
     if args.probs and args.inverse_cost:
         print("mlsde sample: give --probs or --inverse-cost, not both", file=sys.stderr)
         return 2
     probabilities = None
     if args.probs:
-        probabilities = [float(v) for v in args.probs.split(",")]
+        probabilities = list(_floats(args.probs, "--probs"))
     elif args.inverse_cost:
         probabilities = InverseCost(args.inverse_cost)
     first = models[-1]
     config = getattr(first, "config", {})
     channels = int(config.get("in_channels", 3))
     shape = (channels, args.image_size, args.image_size)
-    result = sample(models, shape, batch=args.batch, method=args.method, steps=args.steps,
-                    schedule=NoiseSchedule.named(args.schedule), probabilities=probabilities,
+    if isinstance(first, DiffusersModel) and first.image_shape and "--image-size" not in given:
+        shape = first.image_shape  # the network's own sample_size
+    schedule = NoiseSchedule.named(args.schedule)
+    # our checkpoints record the schedule they were trained with (load_level), a diffusers folder its scheduler's:
+    # sample with it, and refuse a --schedule/--T typed that differs (a mixed ladder is refused by
+    # trained_schedule, naming the files)
+    schedule = _trained_or_typed(trained_schedule(models), schedule, args, given)
+    steps = args.steps if "--steps" in given else min(args.steps, schedule.T)
+    result = sample(models, shape, batch=args.batch, method=args.method, steps=steps,
+                    schedule=schedule, probabilities=probabilities,
                     coupling=args.coupling, coins=args.coins, base=args.base, seed=args.seed,
                     device=args.device, progress=args.progress)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image_grid(result.images, out, nrow=min(8, args.batch), scale=max(1, 128 // args.image_size))
+    save_image_grid(result.images, out, nrow=min(8, args.batch), scale=max(1, 128 // shape[-1]))
     stats = result.stats.as_dict()
     record = {"levels": paths, "settings": result.settings, "flops": result.flops, "seconds": result.seconds,
               "network_calls": stats["calls"], "evaluations": stats["evaluations"], "stats": stats,
-              "command": _command_line(args)}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
-    print(f"{args.method} x {args.steps} steps, {len(models)} level(s): evaluations {stats['evaluations']}, "
+              "schedule": {"kind": schedule.kind, "T": schedule.T}, "command": _command_line(args),
+              "written_by": "mlsde sample"}
+    atomic_write_json(out.with_suffix(".json"), record, indent=1, default=str)
+    print(f"{args.method} x {steps} steps, {len(models)} level(s): evaluations {stats['evaluations']}, "
           f"calls {stats['calls']}, {result.flops:.4g} FLOPs, {result.seconds:.2f} s")
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG: error: MESSAGE (see PROG --help)`` on stderr, status 2 (as every
+    error of ``mlsde``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` of ``mlsde`` and its subcommands: each option's default is appended to its help as
+    ``(default: VALUE)``, read from the option itself, unless the help already states it (``(default...``) or
+    the default is None or False (no value, a flag that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "(default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .diffusion.experiment import ExperimentConfig
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mlsde",
         description="Multilevel Euler–Maruyama: solve SDEs whose drift is a ladder of approximators.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"multilevel-sde {__version__}")
     sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="the main job: train a small UNet ladder on the built-in digits and run "
-                                       "the EM vs ML-EM experiment (<= 15 min on 2 CPU cores)")
-    demo.add_argument("--out", default="runs/demo", help="checkpoints (cached) and report (default runs/demo)")
-    demo.add_argument("--quick", action="store_true", help="the <= 3 min smoke version of every stage")
-    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    demo = sub.add_parser("demo", help="the main job: EM vs ML-EM on the shipped pretrained nested ladder (built-in "
+                                       "digits) and the exact-error panel (<= 5 min on 2 CPU cores)")
+    demo.add_argument("--out", default=None, help="output folder (default: runs/demo, or runs/demo-quick with --quick)")
+    demo.add_argument("--quick", action="store_true", help="the <= 2 min smoke version of every stage")
+    demo.add_argument("--train", action="store_true",
+                      help="retrain the ladder from scratch with its recorded command (about 40 min on 2 CPU cores; "
+                           "about a minute with --quick) instead of loading the shipped one")
+    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                      help="progress bars (default: on)")
     demo.set_defaults(func=_demo)
     toy = sub.add_parser("toy", help="ML-EM against EM on a synthetic ladder whose cost grows like 2^(gamma l)")
-    toy.add_argument("--k", type=int, default=6, help="number of levels (default 6)")
+    toy.add_argument("--k", type=int, default=6, help="number of levels of the synthetic ladder")
     toy.add_argument("--gamma", type=float, default=3.0, help="cost exponent: level l costs 2^(gamma l)")
     toy.add_argument("--d", type=int, default=4, help="state dimension")
     toy.add_argument("--paths", type=int, default=256, help="number of sample paths")
-    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--seed", type=int, default=0, help="seed of the ladder, the Brownian paths and the coins")
     toy.add_argument("--json", help="also write the table to this JSON file")
     toy.set_defaults(func=_toy)
     exp = sub.add_parser("experiment", help="EM vs ML-EM (fixed, theory and learned probabilities, T-Stitch) on a "
@@ -161,34 +333,54 @@ def build_parser() -> argparse.ArgumentParser:
                                                "first (>= 3 networks)")
     exp.add_argument("--out", required=True, help="output folder (points already measured there are reused)")
     d = ExperimentConfig()
-    exp.add_argument("--title", default="EM vs ML-EM")
-    exp.add_argument("--heldout", type=int, default=d.heldout, help="held-out images (every reported point)")
-    exp.add_argument("--select", type=int, default=d.select, help="selection images (learning)")
-    exp.add_argument("--batch", type=int, default=d.batch)
-    exp.add_argument("--samplers", default=",".join(d.samplers))
-    exp.add_argument("--em-steps", default=",".join(map(str, d.em_steps)))
-    exp.add_argument("--reference-steps", type=int, default=d.reference_steps)
-    exp.add_argument("--mlem-networks", default=None, help="three ladder indices, e.g. 0,2,4 (default: smallest, "
-                                                           "middle, largest)")
-    exp.add_argument("--mlem-steps", default=",".join(map(str, d.mlem_steps)))
-    exp.add_argument("--p-top", default=",".join(map(str, d.p_top)), help="sweep of the fixed strategies")
-    exp.add_argument("--strategies", default=",".join(d.strategies))
+    exp.add_argument("--title", default="EM vs ML-EM", help="title of report.md and results.json")
+    exp.add_argument("--heldout", type=int, default=d.heldout,
+                     help="held-out images: every reported point is measured on them")
+    exp.add_argument("--select", type=int, default=d.select,
+                     help="selection images: the learned probabilities are fitted on them")
+    exp.add_argument("--batch", type=int, default=d.batch,
+                     help="images per sampling call (the held-out set runs in chunks of this size)")
+    exp.add_argument("--samplers", default=",".join(d.samplers), help="comma-separated samplers: ddpm, ddim")
+    exp.add_argument("--em-steps", default=",".join(map(str, d.em_steps)),
+                     help="comma-separated step counts of EM with every network")
+    exp.add_argument("--reference-steps", type=int, default=d.reference_steps,
+                     help="steps of the reference (EM with the top network) that every MSE is measured against")
+    exp.add_argument("--mlem-networks", default=None,
+                     help="comma-separated ladder indices of the ML-EM networks, cheapest first, e.g. 0,2,4 "
+                          "(default: smallest, middle, largest)")
+    exp.add_argument("--mlem-steps", default=",".join(map(str, d.mlem_steps)),
+                     help="comma-separated step counts of the grids ML-EM runs on")
+    exp.add_argument("--p-top", default=",".join(map(str, d.p_top)),
+                     help="comma-separated sweep of the fixed strategies, by the top network's probability")
+    exp.add_argument("--strategies", default=",".join(d.strategies),
+                     help="comma-separated ML-EM strategies: any of inverse-cost, theory, learned")
     exp.add_argument("--stratified", default=",".join(d.stratified),
-                     help="strategies also run with stratified coins (default: %(default)s)")
+                     help="comma-separated strategies also run with stratified coins (default: %(default)s)")
     exp.add_argument("--no-stratified", dest="stratified", action="store_const", const="",
-                     help="no stratified coins")
-    exp.add_argument("--coupling", choices=["sample", "batch"], default=d.coupling)
-    exp.add_argument("--learn-steps", type=int, default=d.learn_steps)
-    exp.add_argument("--learn-batch", type=int, default=d.learn_batch)
-    exp.add_argument("--learn-grid", type=int, default=d.learn_grid, help="steps of the grid learning runs on")
-    exp.add_argument("--deltas", default=",".join(map(str, d.deltas)))
-    exp.add_argument("--tstitch-fractions", default=",".join(map(str, d.tstitch_fractions)))
-    exp.add_argument("--tstitch-steps", default=",".join(map(str, d.tstitch_steps)))
-    exp.add_argument("--threshold-ddpm", type=float, default=None, help="default: MSE of the second-largest network")
-    exp.add_argument("--threshold-ddim", type=float, default=None)
-    exp.add_argument("--seed", type=int, default=d.seed)
-    exp.add_argument("--device", default=None)
-    exp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+                     help="run no strategy with stratified coins")
+    exp.add_argument("--coupling", choices=["sample", "batch"], default=d.coupling,
+                     help="ML-EM coins drawn per sample, or shared by a batch (the paper's GPU batching)")
+    exp.add_argument("--learn-steps", type=int, default=d.learn_steps, help="SGD steps of the learned strategy")
+    exp.add_argument("--learn-batch", type=int, default=d.learn_batch,
+                     help="paths per SGD step of the learned strategy")
+    exp.add_argument("--learn-grid", type=int, default=d.learn_grid,
+                     help="steps of the grid the learned strategy is fitted on")
+    exp.add_argument("--deltas", default=",".join(map(str, d.deltas)),
+                     help="comma-separated shifts Delta of the learned logits (a_l + Delta): its cost-error curve")
+    exp.add_argument("--tstitch-fractions", default=",".join(map(str, d.tstitch_fractions)),
+                     help="comma-separated T-Stitch switch points: fraction of the steps on the small network")
+    exp.add_argument("--tstitch-steps", default=",".join(map(str, d.tstitch_steps)),
+                     help="comma-separated step counts of the T-Stitch runs")
+    exp.add_argument("--threshold-ddpm", type=float, default=None,
+                     help="DDPM speedups count only at MSEs above this (default: the MSE of the second-largest "
+                          "network's samples at --reference-steps steps)")
+    exp.add_argument("--threshold-ddim", type=float, default=None,
+                     help="DDIM speedups count only at MSEs above this (default: as for --threshold-ddpm)")
+    exp.add_argument("--seed", type=int, default=d.seed,
+                     help="seed of the held-out set (the selection set's is derived from it)")
+    exp.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    exp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                     help="show a progress bar")
     exp.set_defaults(func=_experiment)
     rescore = sub.add_parser("rescore", help="recompute the speedups of finished experiments from their stored "
                                              "points and rewrite results.json, report.md and the figures")
@@ -197,22 +389,39 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train UNet level(s) of a diffusion ladder (see: mlsde train --help)",
                    add_help=False)
     smp = sub.add_parser("sample", help="sample images with EM, DDIM or ML-EM from trained levels")
-    smp.add_argument("levels", nargs="+", help="checkpoints (files or folders), cheapest first")
-    smp.add_argument("--method", choices=["ddpm", "ddim"], default="ddpm")
-    smp.add_argument("--steps", type=int, default=250)
-    smp.add_argument("--image-size", type=int, default=16)
-    smp.add_argument("--batch", type=int, default=16)
-    smp.add_argument("--probs", default=None, help="ML-EM constant probabilities, e.g. 1,0.3,0.1")
-    smp.add_argument("--inverse-cost", type=float, default=None, help="ML-EM with p_l = min(1, c / FLOPs_l)")
-    smp.add_argument("--coupling", choices=["batch", "sample"], default="batch")
-    smp.add_argument("--coins", choices=["independent", "stratified"], default="independent")
-    smp.add_argument("--base", choices=["zero", "linear"], default="zero")
-    smp.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
-    smp.add_argument("--seed", type=int, default=0)
-    smp.add_argument("--device", default=None)
-    smp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    smp.add_argument("levels", nargs="+", help="checkpoints (files or folders, also comma-separated), cheapest "
+                                               "first; without --probs or --inverse-cost only the last one is "
+                                               "used (plain EM/DDIM)")
+    smp.add_argument("--method", choices=["ddpm", "ddim"], default="ddpm",
+                     help="ddpm (ancestral, stochastic) or ddim (deterministic, eta = 0)")
+    smp.add_argument("--steps", type=int, default=250,
+                     help="sampling steps, respaced from the noise schedule's T (untyped: at most T)")
+    smp.add_argument("--image-size", type=int, default=16,
+                     help="image height and width (the size the levels were trained at)")
+    smp.add_argument("--batch", type=int, default=16, help="number of images")
+    smp.add_argument("--probs", default=None,
+                     help="ML-EM with constant probabilities, one per level, cheapest first, e.g. 1,0.3,0.1")
+    smp.add_argument("--inverse-cost", type=float, default=None, metavar="C",
+                     help="ML-EM with p_l = min(1, C / FLOPs_l)")
+    smp.add_argument("--coupling", choices=["batch", "sample"], default="batch",
+                     help="ML-EM coins shared by the whole batch, or drawn per sample")
+    smp.add_argument("--coins", choices=["independent", "stratified"], default="independent",
+                     help="ML-EM coin scheme: independent Bernoullis, or stratified in time (the same marginals)")
+    smp.add_argument("--base", choices=["zero", "linear"], default="zero",
+                     help="f^0 of the ML estimate: zero (the paper's) or the drift's linear part (x0 = 0)")
+    smp.add_argument("--schedule", choices=["cosine", "linear"], default="cosine",
+                     help="noise schedule; untyped, the one the levels were trained with (recorded in their "
+                          "checkpoints), else the default; typed, it must be that one")
+    smp.add_argument("--T", type=int, default=None,
+                     help="steps of the noise schedule (default: the levels' recorded T, else 1000)")
+    smp.add_argument("--seed", type=int, default=0, help="seed of the initial noise, the Brownian path and the coins")
+    smp.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    smp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                     help="show a progress bar")
     smp.add_argument("--out", default="samples.png", help="PNG grid (a JSON of stats is written beside it)")
     smp.set_defaults(func=_sample)
+    for subparser in sub.choices.values():
+        subparser.formatter_class = HelpFormatter
     return parser
 
 
@@ -228,9 +437,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.print_help()
             return 0
         return args.func(args)
-    except (FileNotFoundError, ValueError, TypeError) as err:  # bad input: a clear message, no traceback
-        print(f"mlsde: error: {err}", file=sys.stderr)
+    except (OSError, ValueError, TypeError, FolderLockedError) as err:  # bad input: one line, no traceback
+        text = " ".join(str(err).split()) or type(err).__name__
+        print(f"mlsde: error: {text}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handling (which saves and says how to resume)
+        print("mlsde: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

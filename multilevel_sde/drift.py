@@ -94,7 +94,9 @@ class MultilevelDrift(nn.Module):
             first call (FLOPs where the flop counter sees work in every level, else seconds).
         coupling: ``"batch"``: one coin per level and step for the whole batch (levels run on the whole
             batch or not at all); ``"sample"``: one coin per sample (levels run on sub-batches).
-        coins: ``"independent"``, a ``CoinScheme`` or a bool pattern to replay (``coins.Replay``).
+        coins: ``"independent"`` (the paper's), ``"comonotone"`` (one uniform per step shared by the levels:
+            unbiased, cheaper), ``"stratified"`` (systematic in time: lower variance, but the path is biased;
+            see ``coins.py``), a ``CoinScheme`` or a bool pattern to replay (``coins.Replay``).
         base: ``f^0`` (default: zero), free of cost; the estimate is then
             ``f^0 + sum_l (B_l / p_l)(f^l - f^{l-1})``, still unbiased for ``f^k`` (spec §4.5).
         seed: seed of the coin generator (None: fresh entropy, kept in ``.seed``).
@@ -317,12 +319,10 @@ class MultilevelDrift(nn.Module):
 
     def evaluation_probabilities(self, p: torch.Tensor) -> torch.Tensor:
         """``P(f^m evaluated)`` for each level from ``p`` ``(k, ...)``: the exact union rule
-        ``1 - (1 - p_m)(1 - p_{m+1})`` (``p_k`` for the top level); 0 for a level that cancels out
-        (``p_m = p_{m+1} = 1`` with ``prune_certain``)."""
-        q = torch.ones_like(p)
-        q[:-1] = (1 - p[:-1]) * (1 - p[1:])
-        q[-1] = 1 - p[-1]
-        return (1 - q).masked_fill(self._cancelling(p), 0.0)
+        ``1 - (1 - p_m)(1 - p_{m+1})`` (``p_k`` for the top level) for coins independent across levels, the
+        coin scheme's own rule otherwise (``ComonotoneCoins``: ``max(p_m, p_{m+1})``); 0 for a level that
+        cancels out (``p_m = p_{m+1} = 1`` with ``prune_certain``)."""
+        return self.coins.evaluation_probabilities(p).masked_fill(self._cancelling(p), 0.0)
 
     def _cancelling(self, p: torch.Tensor) -> torch.Tensor:
         """Levels whose coefficient is identically 0: both adjacent differences are certain (p = 1)."""
@@ -465,11 +465,13 @@ class MultilevelDrift(nn.Module):
         """
         fast = self._fast  # the steady state of a solve: the same plan, batch size and kind of time as last step
         if (fast is not None and y.__class__ is torch.Tensor and y.dim() != 0 and y.shape[0] == fast.batch
-                and (fast.dt is None or fast.dt == dt) and (t.__class__ is not torch.Tensor or t.dim() == 0)
+                and (fast.dt is None or fast.dt == dt)
+                and ((t.__class__ is torch.Tensor and t.dim() == 0) or (t.__class__ is float and t - t == 0.0))
                 and (fast.schedule_fixed or fast.token == fast.schedule.cache_token())):
             return self._sample_fast(t, y, fast) if fast.__class__ is _FastBatch else self._sample_fast_rows(t, y, fast)
         if y.__class__ is not torch.Tensor or y.dim() < 1 or y.shape[0] == 0:
             self._check_state(y)
+        _check_time(t, y.shape[0])  # (the fast path above takes finite floats and 0-d tensors only)
         log = self._step_log
         if log is not None and log.replay is not None:
             return self._replay_step(t, y, log)
@@ -1027,6 +1029,33 @@ def _accumulate_scaled(out: Optional[torch.Tensor], owned: bool, f: torch.Tensor
     if owned:
         return out.addcmul_(f, c), True
     return torch.addcmul(out, f, c), True
+
+
+def _check_time(t, batch: int) -> None:
+    """``t`` of ``sample``: a finite real number, or a real tensor / array that is 0-d or ``(batch,)`` (per-sample
+    times; finiteness is checked for host values only, to keep a GPU solve free of host syncs)."""
+    cls = t.__class__
+    if cls is float:
+        if t - t != 0.0:
+            raise ValueError(f"t must be a finite number, got {t!r}")
+        return
+    if cls is torch.Tensor or isinstance(t, (torch.Tensor, np.ndarray)):
+        shape = tuple(t.shape)
+        if len(shape) > 1 or (len(shape) == 1 and shape[0] not in (1, batch)):
+            raise ValueError(f"t must be a number, a 0-d tensor or a (batch,) tensor of per-sample times (batch "
+                             f"{batch}), got shape {shape}")
+        if isinstance(t, np.ndarray):
+            if t.dtype.kind not in "iuf" or not np.isfinite(t).all():
+                raise ValueError(f"t must hold finite real times, got {t!r}")
+        elif t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"t must hold real times, got a tensor of dtype {t.dtype}")
+        elif t.device.type == "cpu" and t.numel() == 1 and not math.isfinite(float(t)):
+            raise ValueError(f"t must be finite, got {float(t)!r}")
+        return
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)):
+        raise TypeError(f"t must be a number or a tensor of times, got {t!r} ({type(t).__name__})")
+    if not math.isfinite(t):
+        raise ValueError(f"t must be a finite number, got {t!r}")
 
 
 def _is_per_sample(t, batch: int) -> bool:

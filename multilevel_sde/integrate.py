@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
+from collections.abc import Mapping
 from numbers import Number
 from typing import Callable, Optional, Sequence, Union
 
@@ -97,6 +99,24 @@ class _SDEProtocol:
         return self._f_and_g_prod(t, y, torch.zeros(1))[0]
 
     def noise(self, t, y, dW):
+        try:
+            out = self._noise(t, y, dW)
+        except RuntimeError as err:  # torch's broadcast or bmm message: say which callable and what it must return
+            raise ValueError(f"the SDE's diffusion does not fit the state: {self._expected(y)} "
+                             f"(torch: {str(err).splitlines()[0]})") from err
+        if out.__class__ is not torch.Tensor or out.shape != y.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the SDE's diffusion times dW has shape {got}, not the state's {tuple(y.shape)}: "
+                             f"{self._expected(y)}")
+        return out
+
+    def _expected(self, y) -> str:
+        b, d = (tuple(y.shape) + (1, 1))[:2]
+        shape = {"diagonal": f"({b}, {d}), i.e. (batch, d)", "scalar": f"({b}, {d}, 1), i.e. (batch, d, 1)"}.get(
+            self.noise_type, f"({b}, {d}, m), i.e. (batch, d, noise channels)")
+        return f"with noise_type={self.noise_type!r} the diffusion g(t, y) must return shape {shape}"
+
+    def _noise(self, t, y, dW):
         if self._g_prod is not None:
             return self._g_prod(t, y, dW)
         if self._g is None:
@@ -116,6 +136,49 @@ class _SDEProtocol:
         if self._g is None:
             raise ValueError("cannot infer the number of noise channels: pass bm, or define g")
         return self._g(t, y).shape[-1]
+
+
+#: a solve of at least this many steps is announced before its set-up (``_announce_long_solve``)
+LONG_SOLVE_STEPS = 1_000_000
+# what the set-up of one step costs before the first step runs (measured: grid, output plan, step list, path
+# index; sdeint also the GridBrownian's spacings), bytes and seconds on a 2-core CPU
+_SETUP_BYTES = {"sdeint": 140, "odeint": 60}
+_SETUP_SECONDS = {"sdeint": 2e-6, "odeint": 5e-7}
+
+
+def _announce_long_solve(what: str, steps: float, y0: torch.Tensor) -> None:
+    """A warning with the expected memory and time of the set-up before the first step of a very long solve, and
+    a ValueError (before anything is allocated) when that memory exceeds the machine's."""
+    if not math.isfinite(steps) or steps < LONG_SOLVE_STEPS:
+        return
+    need = steps * _SETUP_BYTES[what]
+    total = None
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        import os
+
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if total and need > total:
+        raise ValueError(f"{what}: {steps:,.0f} steps would need about {need / 2**30:.1f} GiB for the step grid and "
+                         f"its bookkeeping, more than this machine's {total / 2**30:.1f} GiB; use a larger step")
+    warnings.warn(f"{what}: {steps:,.0f} steps: setting up the step grid and its bookkeeping takes about "
+                  f"{need / 2**30:.2f} GiB and {steps * _SETUP_SECONDS[what]:.1f} s before the first step "
+                  f"(the state, {y0.numel() * y0.element_size() / 2**20:.3g} MiB, comes on top)", stacklevel=3)
+
+
+def _check_y0(y0) -> None:
+    """``y0`` must be a float32/float64 tensor: an integer state cannot move, and in float16/bfloat16 an Euler
+    step's change ``f h`` falls below the state's resolution (a state near 1 moves in steps of 2^-10 or 2^-7), so
+    the solution would stall silently -- refused, with what to do instead."""
+    if not isinstance(y0, torch.Tensor):
+        raise TypeError(f"y0 must be a torch.Tensor, got {type(y0).__name__}")
+    if not y0.is_floating_point():
+        raise TypeError(f"y0 must be a floating-point tensor (float32 or float64), got dtype {y0.dtype}; "
+                        "convert it, e.g. y0.double()")
+    if torch.finfo(y0.dtype).bits < 32:
+        raise TypeError(f"y0 has dtype {y0.dtype}, too coarse to integrate in: an Euler step changes the state by "
+                        f"f*dt, which rounds away below {torch.finfo(y0.dtype).eps:g} of the state, so the solution "
+                        "would silently stall; solve in float32 or float64 (y0.float()) -- the levels may still "
+                        "compute in low precision inside, e.g. under torch.autocast")
 
 
 def _resolve_dt(dt, sde_dt, grid) -> Optional[float]:
@@ -219,8 +282,7 @@ def sdeint(
     if options:
         raise ValueError(f"mlsde.sdeint takes no options, got {options!r}")
     protocol = _SDEProtocol(sde, names)
-    if not isinstance(y0, torch.Tensor):
-        raise TypeError(f"y0 must be a torch.Tensor, got {type(y0).__name__}")
+    _check_y0(y0)
     if y0.dim() != 2:
         raise ValueError(f"y0 must be 2-D (batch, d) for sdeint, got shape {tuple(y0.shape)}")
     ts = as_times("ts", ts, y0.dtype, y0.device)
@@ -230,10 +292,12 @@ def sdeint(
     ts_host = ts.detach().cpu().numpy().astype(np_dtype)
     if method == "poisson":
         return _sdeint_poisson(protocol, sde, y0, ts_host, bm, step, grid, seed, return_stats)
+    if grid is None:
+        _announce_long_solve("sdeint", float(ts_host[-1] - ts_host[0]) / step, y0)
     times_np = _user_grid(grid, ts_host, np_dtype) if grid is not None else uniform_grid(ts_host[0], ts_host[-1], step, np_dtype)
     plan = torchsde_output_plan(times_np, ts_host)
     times = torch.as_tensor(times_np, dtype=ts.dtype).to(ts.device)
-    steps = [float(h) for h in np.diff(times_np)]
+    steps = np.diff(times_np).tolist()  # Python floats, as float(h) of each
 
     _check_bm(protocol, bm, times[0], y0)
     solve_seed, coin_seed, bm_seed = solve_seeds(seed)
@@ -352,8 +416,9 @@ def odeint(
                                                  "fixed_adams", "scipy_solver"), "odeint")
     if event_fn is not None:
         raise ValueError("event_fn is not supported by mlsde.odeint")
-    if not isinstance(y0, torch.Tensor):
-        raise TypeError(f"y0 must be a torch.Tensor, got {type(y0).__name__}")
+    _check_y0(y0)
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"options must be a dict such as {{'step_size': 0.01}} or {{'grid': times}}, got {options!r}")
     if not callable(func):
         raise TypeError(f"func must be callable func(t, y), got {func!r}")
     if not torch.is_tensor(t) or t.dim() != 1 or t.numel() == 0:
@@ -375,6 +440,8 @@ def odeint(
     if step_size is not None:
         if isinstance(step_size, bool) or not isinstance(step_size, Number) or not 0 < step_size < math.inf:
             raise ValueError(f"options['step_size'] must be a finite number > 0, got {step_size!r}")
+        span = t_fwd.detach().cpu()
+        _announce_long_solve("odeint", float(span[-1] - span[0]) / step_size, y0)
         grid = torchdiffeq_grid(t_fwd, step_size)
     elif user_grid is not None:
         user = torch.as_tensor(validate_grid("options['grid']", user_grid), dtype=t.dtype)
@@ -384,7 +451,7 @@ def odeint(
     else:
         grid = t_fwd.detach().cpu()
     grid_np = grid.numpy()
-    steps = [float(h) for h in (grid[1:] - grid[:-1]).numpy()]
+    steps = (grid[1:] - grid[:-1]).numpy().tolist()  # Python floats, as float(h) of each
     plan = _torchdiffeq_plan(grid_np, t_fwd.detach().cpu().numpy())
 
     multilevel = func if isinstance(func, MultilevelDrift) else None

@@ -4,7 +4,8 @@ A schedule is any callable ``schedule(t, dt, costs) -> Tensor`` returning the ``
 ``p_1 .. p_k`` in ``(0, 1]`` (shape ``(k,)`` for a scalar ``t``; ``(k, *t.shape)`` for a tensor of
 times). ``costs`` is the ladder's cost per sample and level, a float64 tensor of shape ``(k,)``.
 
-Formulas: ``ml-em-spec.md`` §5 (Theorem 1), §6 (flexible exponent, inverse cost), §8.1 (sigmoid).
+Formulas: ``ml-em-spec.md`` §5 (Theorem 1), §6 (flexible exponent, inverse cost), §8.1 (sigmoid); ``Adaptive``
+is the MLMC rule (Giles 2008/2015) from a pilot solve.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 Number = Union[int, float]
 TimeLike = Union[float, torch.Tensor]
 
-__all__ = ["Schedule", "Constant", "InverseCost", "PowerLaw", "Theorem1", "Sigmoid", "as_schedule"]
+__all__ = ["Schedule", "Constant", "InverseCost", "PowerLaw", "Theorem1", "Sigmoid", "Adaptive", "as_schedule"]
 
 
 def _as_float_vector(name: str, values, *, allow_none: bool = False) -> Optional[torch.Tensor]:
@@ -272,6 +273,137 @@ class Sigmoid(Schedule):
 
     def extra_repr(self) -> str:
         return f"k={self.a.numel()}, floor={self.floor}, time_scale={self.time_scale}"
+
+
+class Adaptive(Schedule):
+    """Variance-optimal probabilities from a pilot solve (the MLMC rule of Giles 2008/2015, per step):
+
+        p_l(t) = min(1, c * dt * sqrt(V_l(t) / C_l)),    V_l(t) = E ||(f^l - f^{l-1})(t, X_t)||^2,
+
+    with ``V_l`` measured along a few pilot paths (``pilot``) and ``C_l`` the ladder's costs. Minimising the coin
+    variance the steps add to ``X_T`` at first order, ``sum_n dt^2 sum_l (1/p_l - 1) V_l(t_n)``, at a fixed
+    expected cost ``sum_n sum_l p_l C_l`` (Lagrange) gives ``p`` proportional to ``dt sqrt(V / C)``; ``c`` scales
+    it to a budget (``scaled``): an RMS coin noise of ``X_T`` or a cost per path. Clipped at 1 where a level is
+    cheap or its difference large. Per unit time: the rates ``c sqrt(V/C)`` do not depend on ``dt``, so the
+    budget holds for any step size. Works on any ladder (no accuracies or gamma needed).
+
+    The variance model ignores how the dynamics carry a step's noise to ``T`` (contracting drifts shrink it,
+    expanding ones grow it) and the state's dependence on the coins; measure the error, as with any schedule.
+
+    Args:
+        times: the pilot's step times, increasing, shape ``(m,)``; ``V_l(t)`` is piecewise constant between them.
+        variances: ``V_l(t_i)``, shape ``(k, m)`` (per sample, summed over the state's coordinates).
+        c: the scale (see ``scaled``).
+        floor: the smallest probability (a level whose pilot variance is 0 is still drawn now and then).
+    """
+
+    per_unit_time = True
+    time_dependent = True
+
+    def __init__(self, times, variances, c: Number = 1.0, floor: Number = 1e-6):
+        super().__init__()
+        times = _as_float_vector("times", times)
+        V = torch.as_tensor(variances, dtype=torch.float64).detach().cpu()
+        if V.dim() != 2 or V.shape[1] != times.numel():
+            raise ValueError(f"variances must have shape (k, {times.numel()}), got {tuple(V.shape)}")
+        if not torch.isfinite(V).all() or (V < 0).any():
+            raise ValueError("variances must be finite and >= 0")
+        if times.numel() > 1 and not (times[1:] > times[:-1]).all():
+            raise ValueError("times must be strictly increasing")
+        if not isinstance(floor, (int, float)) or not 0.0 < floor <= 1.0:
+            raise ValueError(f"floor must lie in (0, 1], got {floor!r}")
+        self.register_buffer("times", times, persistent=False)
+        self.register_buffer("variances", V, persistent=False)
+        self.c = _positive("c", c)
+        self.floor = float(floor)
+
+    def num_levels(self) -> int:
+        return self.variances.shape[0]
+
+    def _at(self, t: TimeLike) -> torch.Tensor:
+        """``V_l(t)``, shape ``(k, *t.shape)``: the value of the last pilot time ``<= t`` (the first before it)."""
+        tt = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
+        index = torch.clamp(torch.searchsorted(self.times, tt.reshape(-1), right=True) - 1, min=0)
+        return self.variances[:, index].reshape(self.variances.shape[0], *tt.shape)
+
+    def rates(self, t: TimeLike, costs: torch.Tensor) -> torch.Tensor:
+        """``c * sqrt(V_l(t) / C_l)`` per unit time, shape ``(k, *t.shape)`` (before clipping)."""
+        V = self._at(t)
+        C = costs.detach().to("cpu", torch.float64).reshape(-1, *(1,) * (V.dim() - 1))
+        return self.c * torch.sqrt(V / C)
+
+    def forward(self, t: TimeLike, dt: float, costs: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(self.rates(t, costs) * abs(float(dt)), min=self.floor, max=1.0)
+
+    def predicted_variance(self, dt: float, costs: torch.Tensor) -> float:
+        """``sum_n dt^2 sum_l (1/p_l - 1) V_l(t_n)`` over ``dt``-steps spanning the pilot's times (first order)."""
+        p, V = self._grid(dt, costs)
+        return float((dt**2 * (1 / p - 1) * V).sum())
+
+    def predicted_cost(self, dt: float, costs: torch.Tensor) -> float:
+        """The paper's accounting ``sum_n sum_l p_l C_l`` per path over the same steps."""
+        p, _ = self._grid(dt, costs)
+        return float((p * costs.to(torch.float64).reshape(-1, 1)).sum())
+
+    def _grid(self, dt: float, costs: torch.Tensor):
+        span = float(self.times[-1] - self.times[0]) + self._step
+        steps = torch.arange(max(1, round(span / dt)), dtype=torch.float64) * dt + self.times[0]
+        return self.forward(steps, dt, costs), self._at(steps)
+
+    @property
+    def _step(self) -> float:
+        return float(self.times[1] - self.times[0]) if self.times.numel() > 1 else 1.0
+
+    def scaled(self, dt: float, costs, rms: Optional[Number] = None, cost: Optional[Number] = None) -> "Adaptive":
+        """A copy whose ``c`` meets one budget at step ``dt``: predicted RMS coin noise of ``X_T`` equal to ``rms``,
+        or expected cost per path (``sum p C``) equal to ``cost`` (bisection on ``log c``)."""
+        if (rms is None) == (cost is None):
+            raise ValueError("give exactly one budget: rms= or cost=")
+        costs = torch.as_tensor(costs, dtype=torch.float64)
+        trial = Adaptive(self.times, self.variances, 1.0, self.floor)
+        if rms is not None:
+            target, measure, decreasing = _positive("rms", rms) ** 2, trial.predicted_variance, True
+        else:
+            target, measure, decreasing = _positive("cost", cost), trial.predicted_cost, False
+        lo, hi = math.log(1e-12), math.log(1e12)
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            trial.c = math.exp(mid)
+            above = measure(dt, costs) > target
+            lo, hi = (mid, hi) if above == decreasing else (lo, mid)
+        return Adaptive(self.times, self.variances, math.exp(hi if decreasing else lo), self.floor)
+
+    @classmethod
+    def pilot(cls, levels: Sequence, y0: torch.Tensor, t0: float, t1: float, dt: float, diffusion=1.0,
+              noise_type: str = "diagonal", base=None, seed: int = 0, floor: Number = 1e-6) -> "Adaptive":
+        """Runs EM with the top level from ``y0`` (a few paths) over ``[t0, t1]`` at step ``dt``, evaluates every
+        level at each step's state and returns the schedule with ``V_l(t_n) = mean ||f^l - f^{l-1}||^2``
+        (``f^0 = base``, default 0) and ``c = 1``: scale it with ``scaled(dt, costs, rms=...)``. The pilot costs
+        ``k`` evaluations of its batch per step."""
+        from .integrate import sdeint  # late: integrate imports the drift, which imports this module
+        from .sde import MultilevelSDE
+
+        if not t1 > t0:
+            raise ValueError(f"the pilot runs forward in time: need t1 > t0, got t0={t0!r}, t1={t1!r}")
+        levels = list(levels)
+        times, states = [float(t0)], [y0]
+        sde = MultilevelSDE(levels[-1], diffusion, noise_type, dt=dt)
+        with torch.no_grad():
+            sdeint(sde, y0, [float(t0), float(t1)], dt=dt, seed=seed,
+                   callback=lambda n, t, y: (times.append(float(t)), states.append(y.clone())))
+            rows = []
+            for t, y in zip(times[:-1], states[:-1]):
+                below = torch.zeros_like(y) if base is None else base(t, y)
+                row = []
+                for level in levels:
+                    f = level(t, y)
+                    row.append(float((f - below).pow(2).reshape(y.shape[0], -1).sum(1).mean()))
+                    below = f
+                rows.append(row)
+        return cls(times[:-1], torch.tensor(rows, dtype=torch.float64).T, 1.0, floor)
+
+    def extra_repr(self) -> str:
+        return f"k={self.variances.shape[0]}, pilot steps={self.times.numel()}, c={self.c:.4g}"
 
 
 def as_schedule(probabilities) -> nn.Module:

@@ -65,3 +65,49 @@ def test_train_reports_bad_data_clearly(tmp_path, capsys):
     assert main(["train", "--preset", "cpu-xs", "--data", f"folder:{tmp_path / 'empty'}", "--out",
                  str(tmp_path / "o"), "--steps", "1", "--no-progress"]) == 2
     assert "no images" in capsys.readouterr().err
+
+
+def _parsers():
+    """``(command, parser)`` for ``mlsde`` and each subcommand; ``train`` by the training module's own parser."""
+    import argparse
+
+    from multilevel_sde.cli import build_parser
+    from multilevel_sde.diffusion.train import _parser as train_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    found = [("mlsde", parser)] + [(f"mlsde {name}", p) for name, p in sub.choices.items() if name != "train"]
+    return found + [("mlsde train", train_parser("mlsde train"))], sub
+
+
+def test_every_option_has_a_help_text_with_its_default():
+    import argparse
+
+    parsers, sub = _parsers()
+    assert {name for name, _ in parsers} >= {f"mlsde {c}" for c in ("demo", "toy", "experiment", "rescore", "train",
+                                                                      "sample")}
+    assert all((choice.help or "").strip() for choice in sub._choices_actions), "a subcommand without help"
+    missing, no_default = [], []
+    for command, parser in parsers:
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            label = f"{command} {'/'.join(action.option_strings) or action.dest}"
+            if not (action.help or "").strip() or action.help == argparse.SUPPRESS:
+                missing.append(label)
+            elif action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                shown = formatter._expand_help(action)
+                if "default" not in shown.lower():
+                    no_default.append(label)
+                elif "%(default)" in formatter._get_help_string(action):
+                    assert str(action.default) in shown, label  # the default shown is the option's own
+    assert not missing, f"options without a help text: {missing}"
+    assert not no_default, f"options whose help does not show their default: {no_default}"
+
+
+def test_train_help_names_mlsde_train(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: mlsde train")

@@ -138,7 +138,25 @@ def test_many_curves_share_a_legend_of_styles(tmp_path):
     with unittest.mock.patch.object(report_module, "_finish", keep_labels):
         plot_error_vs_cost(points, "ddpm", "flops", tmp_path / "many.png", threshold=0.05)
     assert captured["labels"] == ["EM top network", "ML-EM inverse-cost", "ML-EM learned", "T-Stitch",
-                                  "(dashed: stratified coins)", "1000 steps", "250 steps", "50 steps", "10 steps",
+                                  "(dashed: stratified coins, biased path)", "1000 steps", "250 steps", "50 steps", "10 steps",
                                   "threshold 0.05"]
     assert len(captured["styles"]) == 1 + 4 * 4 + 4 + 1  # every curve in a style of its own, and the threshold
     assert (tmp_path / "many.png").read_bytes()[:8] == PNG
+
+
+def test_stratified_curves_are_marked_as_biased_along_the_path(tmp_path):
+    """Stratified coins bias the path (tests/test_coin_bias.py): their rows carry a dagger and a footnote says so;
+    a report without them has neither."""
+    results = make_results()
+    for p in results["points"]:
+        if p["curve"] == "ML-EM inverse-cost 1000":
+            results["points"].append(dict(p, curve="ML-EM inverse-cost stratified 1000"))
+    results["summary"] = summarise(results["points"], THRESHOLDS)
+    write_report(results, tmp_path / "marked.md")
+    marked = (tmp_path / "marked.md").read_text(encoding="utf-8")
+    assert row(marked, "ddpm", "ML-EM inverse-cost stratified 1000 †")  # speedup table
+    assert marked.count("| ML-EM inverse-cost stratified 1000 † |") >= 2  # and the points
+    assert "| ML-EM inverse-cost 1000 |" in marked and "| ML-EM inverse-cost 1000 † |" not in marked
+    assert marked.count("† stratified coins: lower variance, but coins dependent across steps bias the path") == 2
+    write_report(make_results(), tmp_path / "plain.md")
+    assert "†" not in (tmp_path / "plain.md").read_text(encoding="utf-8")

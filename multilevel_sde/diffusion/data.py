@@ -224,6 +224,47 @@ def crop_box(width: float, height: float, crop: str) -> Tuple[float, float, floa
 # ----------------------------------------------------------------------------------------------- decoding
 
 
+#: PIL modes with more than 8 bits per pixel; ``convert("L")`` would clip them at 255
+_HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def _high_depth_to_l(im):
+    """An 8-bit "L" image of a 16-bit, 32-bit integer or float one, scaled from its full range: ``I;16*`` from
+    0..65535; ``I`` from 0..65535 when its values fit (16-bit PNGs and TIFFs), else from 0..2^31-1; ``F`` from
+    [0, 1] when its values lie there, else 0..255, 0..65535, or 0..its maximum."""
+    from PIL import Image
+
+    arr = np.asarray(im, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    high = float(finite.max()) if finite.size else 0.0
+    if im.mode.startswith("I;16"):
+        full = 65535.0
+    elif im.mode == "I":
+        full = 65535.0 if high <= 65535 else 2.0 ** 31 - 1
+    else:
+        full = next((r for r in (1.0, 255.0, 65535.0) if high <= r), high)
+    scaled = np.nan_to_num(arr / full * 255.0, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
+
+
+def _to_mode(im, mode: str):
+    """``im`` as an 8-bit ``mode`` ("L" or "RGB") image, from any PIL mode: high bit depths are scaled, not
+    clipped; palette and alpha modes go through RGBA (alpha dropped); modes PIL cannot convert directly
+    (``La``, ``LAB`` to ``L``) go through ``LA``/``RGB``."""
+    if im.mode in _HIGH_DEPTH_MODES:
+        im = _high_depth_to_l(im)
+    if im.mode == "La":
+        im = im.convert("LA")
+    if im.mode == "P" or (im.mode in ("LA", "PA", "RGBA") and mode == "RGB"):
+        im = im.convert("RGBA")
+    if im.mode == mode:
+        return im
+    try:
+        return im.convert(mode)
+    except ValueError:  # no direct conversion (e.g. LAB to L): through RGB
+        return im.convert("RGB").convert(mode)
+
+
 def _load_one(path: str, image_size: int, crop: str, mode: str, exif: bool = False):
     """Decode, crop and resize one file to a uint8 ``(H, W, C)`` array. Raises on an unreadable file."""
     from PIL import Image, ImageOps
@@ -245,10 +286,7 @@ def _load_one(path: str, image_size: int, crop: str, mode: str, exif: bool = Fal
             if transposed.size != im.size:
                 content = None if content is None else content[::-1]
             im = transposed
-        if im.mode == "P" or (im.mode in ("LA", "PA", "RGBA") and mode == "RGB"):
-            im = im.convert("RGBA")
-        if im.mode != mode:
-            im = im.convert(mode)
+        im = _to_mode(im, mode)
         l, t, r, b = crop_box(*(content or im.size), crop)
         # Crop to the whole-pixel hull first: resize(box=...) alone lets the filter read pixels outside the
         # box (LANCZOS reaches ~3 output pixels out), which would bleed the discarded border into the edges.
@@ -791,8 +829,11 @@ def save_image_grid(images: torch.Tensor, path: PathLike, nrow: int = 8, scale: 
     """Save a grid of images in [-1, 1] as a PNG (``scale``: nearest-neighbour enlargement for viewing)."""
     from PIL import Image
 
+    from ..files import atomic_write
+
     im = Image.fromarray(image_grid(images, nrow, padding))
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
-    im.save(os.fspath(path))
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    atomic_write(path, lambda fh: im.save(fh, format=fmt))  # never half an image
     return path

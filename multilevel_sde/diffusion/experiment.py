@@ -22,7 +22,8 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -31,6 +32,8 @@ import torch
 from torch import nn
 
 from .._random import derive_seed
+from ..files import (DamagedFileError, append_line, atomic_write_json, atomic_write_text, check_writable_folder,
+                     clean_stale_temporaries, read_json)
 from ..learning import LearningProblem, PathSet, evaluate, fit_probabilities, shifted, sigmoid_from_probabilities
 from ..probabilities import Constant, Sigmoid
 from ..scaling import estimate_gamma
@@ -74,6 +77,9 @@ class ExperimentConfig:
             grid it learns on, and the Delta sweep.
         tstitch_fractions, tstitch_steps: T-Stitch switch points (fraction of steps on the small network).
         threshold: MSE threshold per sampler (None: top vs second-largest network at ``reference_steps``).
+        schedule, T: the noise schedule to sample with ("cosine" or "linear") and its steps. None: the one the
+            networks were trained with (``load_level`` records it from the checkpoint), else cosine and 1000. A
+            schedule given that differs from the recorded one is refused (``Experiment`` raises ValueError).
         seed: the held-out set's seed (the selection set's is derived from it).
     """
 
@@ -96,11 +102,16 @@ class ExperimentConfig:
     tstitch_fractions: tuple = (0.2, 0.4, 0.6, 0.8)
     tstitch_steps: tuple = (1000, 250)
     threshold: Optional[dict] = None
-    schedule: str = "cosine"
+    schedule: Optional[str] = None
     seed: int = 0
     grid_images: int = 8
+    T: Optional[int] = None
 
     def validate(self) -> "ExperimentConfig":
+        if self.schedule not in (None, "cosine", "linear"):
+            raise ValueError(f"schedule must be None, 'cosine' or 'linear', got {self.schedule!r}")
+        if self.T is not None and (isinstance(self.T, bool) or not isinstance(self.T, int) or self.T < 1):
+            raise ValueError(f"T must be None or a positive integer, got {self.T!r}")
         for name in ("heldout", "select", "batch", "learn_steps", "learn_batch", "reference_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -128,6 +139,10 @@ class ExperimentConfig:
                 raise ValueError(f"tstitch_fractions must lie in [0, 1], got {f!r}")
         if self.coupling not in ("sample", "batch"):
             raise ValueError(f"coupling must be 'sample' or 'batch', got {self.coupling!r}")
+        nets = self.mlem_networks
+        if nets is not None and (not nets or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in nets)
+                                 or list(nets) != sorted(set(nets))):
+            raise ValueError(f"mlem_networks must be increasing indices >= 0, got {nets!r}")
         return self
 
     def key(self, models: Sequence[nn.Module] = ()) -> str:
@@ -136,6 +151,10 @@ class ExperimentConfig:
         point is reused only under the same key, so sweeps can be extended (more step counts, more ``p_top``)
         without measuring the old points again."""
         fields = {name: getattr(self, name) for name in _KEY_FIELDS}
+        if fields["schedule"] is None:  # the default, cosine (keys of earlier runs stay valid)
+            fields["schedule"] = "cosine"
+        if self.T not in (None, 1000):
+            fields["T"] = self.T
         fields["learn_start"] = float(np.median(self.p_top))  # the learned fit starts from it
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode())
         for model in models:
@@ -180,15 +199,17 @@ class Experiment:
         self.models = list(models)
         if len(self.models) < 2:
             raise ValueError(f"the experiment needs a ladder of at least 2 networks, got {len(self.models)}")
-        self.config = config.validate()
+        config = config.validate()
+        self.schedule = _experiment_schedule(self.models, config)
+        self.config = config = replace(config, schedule=self.schedule.kind, T=self.schedule.T)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.names = list(names) if names is not None else [f"net{i}" for i in range(len(self.models))]
         if len(self.names) != len(self.models):
             raise ValueError(f"names must have one entry per network ({len(self.models)}), got {self.names!r}")
-        self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = check_writable_folder(out_dir, "output folder")
+        clean_stale_temporaries(self.out)  # left by a kill during an earlier run's writes
+        _refuse_foreign_results(self.out / "results.json")
         self.device = torch.device(device) if device is not None else next(self.models[-1].parameters()).device
-        self.schedule = NoiseSchedule.named(config.schedule)
         self.flops = [network_flops(m, self.image_shape) for m in self.models]
         k = len(self.models)
         nets = config.mlem_networks or ((0, k // 2, k - 1) if k >= 3 else tuple(range(k)))
@@ -222,8 +243,8 @@ class Experiment:
         self.points.append(point)
         if images is not None:
             self.grids[(point["sampler"], point["label"])] = images[: self.config.grid_images].cpu()
-        with open(self.out / "points.jsonl", "a") as fh:
-            fh.write(json.dumps(point) + "\n")
+        # fsync'ed line by line: a kill leaves whole lines and at most a cut last one (skipped on reading)
+        append_line(self.out / "points.jsonl", json.dumps(point))
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix_str(f"{point['sampler']} {point['label']}"[:60])
@@ -356,10 +377,17 @@ class Experiment:
         reused by a rerun with the same settings and weights), then sweeps Delta on the held-out set."""
         cfg, nets = self.config, self.mlem_networks
         saved = self.out / f"learned_{sampler}.json"
-        info = json.loads(saved.read_text()) if saved.exists() else None
+        info = None
+        if saved.exists():
+            try:
+                info = read_json(saved, "learned probabilities")
+            except DamagedFileError as err:  # a fit is cheap to redo: re-fit, do not fail
+                warnings.warn(f"{err}; fitting the probabilities again", stacklevel=2)
+            if not isinstance(info, dict) or not all(k in info for k in ("a", "b", "floor", "time_scale")):
+                info = None
         if info is None or info.get("config_key") != self.key:
             info = self.fit(sampler)
-            saved.write_text(json.dumps(info, indent=1))
+            atomic_write_json(saved, info, indent=1)
         schedule = Sigmoid(info["a"], info["b"], floor=info["floor"], time_scale=info["time_scale"])
         for steps in cfg.mlem_steps:
             for suffix, coins in self._coin_schemes("learned"):
@@ -497,7 +525,7 @@ class Experiment:
         summary = summarise(self.points, thresholds)
         unthresholded = summarise(self.points, {sampler: 0.0 for sampler in thresholds})
         results = dict(title=title, command=command, config=asdict(cfg), image_shape=list(self.image_shape),
-                       networks=[dict(name=n, flops=f, params=sum(p.numel() for p in m.parameters()))
+                       networks=[dict(name=n, flops=f, params=_num_parameters(m))
                                  for n, f, m in zip(self.names, self.flops, self.models)],
                        mlem_networks=[self.names[i] for i in self.mlem_networks], thresholds=thresholds,
                        gamma=gamma, gamma_drift=gamma_drift, learned=learned, level_differences=differences,
@@ -506,7 +534,7 @@ class Experiment:
                        seconds=time.perf_counter() - started)
         results["figures"] += self.save_grids(summary)
         write_all(results, self.out)
-        (self.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+        atomic_write_json(self.out / "results.json", results, indent=1, default=float)
         return results
 
     def notes(self, gamma: Optional[dict], gamma_drift: Optional[dict]) -> list:
@@ -567,7 +595,7 @@ class Experiment:
             name = f"samples_{sampler}.png"
             save_image_grid(torch.cat([ref, *rows]), self.out / name, nrow=ref.shape[0],
                             scale=max(1, 96 // self.image_shape[-1]))
-            (self.out / f"samples_{sampler}.txt").write_text(
+            atomic_write_text(self.out / f"samples_{sampler}.txt",
                 f"rows: reference ({self.config.reference_steps} steps, top network); {twin['label']} "
                 f"({twin['flops']:.3g} FLOPs, MSE {twin['mse']:.3g}); {chosen['label']} "
                 f"({chosen['flops']:.3g} FLOPs, MSE {chosen['mse']:.3g})\n")
@@ -589,14 +617,20 @@ def rescore(out_dir) -> dict:
     path = out / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"no results.json in {os.fspath(out)!r}: rescore needs a finished experiment")
-    results = json.loads(path.read_text())
+    results = read_json(path, "experiment results", "re-run the experiment with the same command: its measured "
+                        "points are cached in points.jsonl and are reused")
+    if not isinstance(results, dict) or not isinstance(results.get("points"), list):
+        raise DamagedFileError(f"{os.fspath(path)!r} is not an experiment's results.json (no list of points); "
+                               "re-run the experiment that wrote the folder")
+    check_writable_folder(out, "experiment folder")  # before any work: it rewrites files there
+    clean_stale_temporaries(out)
     points, thresholds = results["points"], results.get("thresholds") or {}
     results["summary"] = summarise(points, thresholds)
     results["summary_no_threshold"] = summarise(points, {sampler: 0.0 for sampler in thresholds})
     notes = [n for n in results.get("notes") or [] if _UNTHRESHOLDED not in n]
     results["notes"] = notes + Experiment.unthresholded_notes(results["summary_no_threshold"])
     write_all(results, out)
-    path.write_text(json.dumps(results, indent=1, default=float))
+    atomic_write_json(path, results, indent=1, default=float)
     return results
 
 
@@ -607,7 +641,49 @@ def run_experiment(models: Sequence[nn.Module], image_shape: Sequence[int], out_
     return Experiment(models, image_shape, config or ExperimentConfig(), out_dir, **kwargs).run(**run_kwargs)
 
 
+def _experiment_schedule(models: Sequence[nn.Module], config: ExperimentConfig) -> NoiseSchedule:
+    """The schedule the experiment samples with: the one the networks were trained with (recorded by
+    ``load_level``), unless ``config.schedule``/``config.T`` say otherwise -- which is refused when it differs."""
+    from .schedule import same_schedule
+    from .train import trained_schedule
+
+    trained = trained_schedule(models)  # a ladder mixing schedules is refused here, naming the files
+    if trained is None:
+        schedule = NoiseSchedule.named(config.schedule or "cosine", config.T or 1000)
+    else:
+        schedule = NoiseSchedule.named(config.schedule or trained.kind, config.T or trained.T)
+        if not same_schedule(schedule, trained):
+            raise ValueError(f"the experiment's schedule ({schedule.kind}, T={schedule.T}) is not the one the "
+                             f"networks were trained with ({trained.kind}, T={trained.T}); leave "
+                             "ExperimentConfig.schedule and T as None to sample with it")
+    for name in ("reference_steps", "learn_grid"):
+        if getattr(config, name) > schedule.T:
+            raise ValueError(f"{name}={getattr(config, name)} exceeds the {schedule.T} steps of the noise schedule "
+                             f"({schedule.kind}, T={schedule.T}); lower it to at most {schedule.T}")
+    return schedule
+
+
+def _refuse_foreign_results(path: Path) -> None:
+    """An experiment replaces its own ``results.json`` only: a readable one that is not an experiment's is kept
+    (a damaged one is rebuilt: the measured points are cached in ``points.jsonl``)."""
+    if not path.exists():
+        return
+    try:
+        existing = read_json(path)
+    except DamagedFileError:
+        return
+    if not (isinstance(existing, dict) and "points" in existing):
+        raise ValueError(f"{os.fspath(path)!r} exists and is not an experiment's results.json; it will not be "
+                         "overwritten: choose another output folder")
+
+
 def _standard_error(values: torch.Tensor) -> float:
     """Standard error of the mean of ``values`` (NaN for a single value: its spread is unknown)."""
     n = values.numel()
     return float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def _num_parameters(model: nn.Module) -> int:
+    """The parameters a level reads (a nested level's own slices, not the whole shared network)."""
+    count = getattr(model, "num_parameters", None)
+    return int(count) if count is not None else sum(p.numel() for p in model.parameters())

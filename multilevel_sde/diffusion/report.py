@@ -44,7 +44,10 @@ def _finish(fig, ax, path: PathLike) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(True, which="major", alpha=0.3)
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    from ..files import atomic_write
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=_DPI, bbox_inches="tight"))
     fig.clear()
 
 
@@ -65,7 +68,7 @@ def plot_error_vs_cost(points: Sequence[Mapping], sampler: str, cost_key: str, p
         if styles is not None:
             style = styles.of(name, family)
         else:
-            style = dict(label=name, marker="o" if family == "em" else next(markers),
+            style = dict(label=_curve_label(name), marker="o" if family == "em" else next(markers),
                          linestyle="--" if family == "tstitch" else "-")
         ax.plot([float(p[cost_key]) for p in curve], [float(p["mse"]) for p in curve], markersize=4,
                 linewidth=1.2, **style)
@@ -114,7 +117,7 @@ class _CurveStyles:
             if method not in self.em:
                 ax.plot([], [], color=colour, label=method if method == "T-Stitch" else f"ML-EM {method}")
         if self.stratified:
-            ax.plot([], [], color="gray", linestyle="--", label="(dashed: stratified coins)")
+            ax.plot([], [], color="gray", linestyle="--", label="(dashed: stratified coins, biased path)")
         for grid, marker in self.marker.items():
             ax.plot([], [], color="gray", marker=marker, linestyle="none", label=f"{grid} steps")
 
@@ -217,11 +220,33 @@ def _thresholds_section(thresholds: Mapping[str, float], summary: Mapping) -> li
             + _table(("sampler", "MSE threshold", "EM-top-500 MSE"), rows))
 
 
+_BIASED_MARK = " †"
+_BIASED_NOTE = ("† stratified coins: lower variance, but coins dependent across steps bias the path (each step is "
+                "unbiased at a fixed state, the trajectory is not); the MSE includes that bias, so the comparison "
+                "with EM is fair, but these curves are not unbiased ML-EM. The other ML-EM curves are unbiased for "
+                "the top network's sampler (docs/theory.md, tests/test_coin_bias.py).")
+
+
+def _biased(curve: str) -> bool:
+    """Whether a curve's coins bias the path (stratified in time)."""
+    m = _CURVE_NAME.match(curve)
+    return bool(m and m["stratified"])
+
+
+def _curve_label(curve: str) -> str:
+    """The curve's name, marked with a dagger when its path is biased (stratified coins)."""
+    return curve + _BIASED_MARK if _biased(curve) else curve
+
+
+def _biased_note(curves) -> list[str]:
+    return [_BIASED_NOTE, ""] if any(_biased(c) for c in curves) else []
+
+
 def _speedup_section(summary: Mapping) -> list[str]:
     rows = []
     for sampler, entry in summary.items():
         for name, by_cost in entry["curves"].items():
-            rows.append((sampler, name,
+            rows.append((sampler, _curve_label(name),
                          _fmt(_speedup(by_cost, "flops", "all", "max")),
                          _fmt(_speedup(by_cost, "flops", "all", "mse_at_max")),
                          _fmt(_speedup(by_cost, "flops", "protocol", "max")),
@@ -238,7 +263,8 @@ def _speedup_section(summary: Mapping) -> list[str]:
     return (["## Speedups over EM", "",
              "Ratio of the cost EM's Pareto frontier needs to reach an MSE to the cost the curve's frontier needs "
              "(log–log interpolation), against every EM point (\"all EM\") or the paper's step set "
-             "(\"protocol EM\").", ""] + _table(header, rows))
+             "(\"protocol EM\").", ""] + _table(header, rows)
+            + _biased_note(name for entry in summary.values() for name in entry["curves"]))
 
 
 def _points_section(points: Sequence[Mapping]) -> list[str]:
@@ -249,7 +275,7 @@ def _points_section(points: Sequence[Mapping]) -> list[str]:
         flops = float(p.get("flops", math.nan))
         return p["sampler"], p["curve"], flops if math.isfinite(flops) else math.inf
 
-    rows = [(p["sampler"], p["curve"], p.get("label", ""), p.get("steps", ""),
+    rows = [(p["sampler"], _curve_label(p["curve"]), p.get("label", ""), p.get("steps", ""),
              f"{_fmt(p.get('mse'))} ± {_fmt(p.get('mse_se'))}" + _patterns_note(p), _fmt(p.get("flops")),
              _fmt(p.get("calls")), _fmt(p.get("seconds"))) for p in sorted(points, key=key)]
     shared = [p["coin_patterns"] for p in points if "coin_patterns" in p]
@@ -258,8 +284,8 @@ def _points_section(points: Sequence[Mapping]) -> list[str]:
         + ("" if min(shared) == max(shared) else f"–{max(shared)}") + " coin pattern(s), and its ± is the spread "
         "between patterns (unknown, nan, with one pattern: such a point is a single draw, and a maximum over "
         "single draws flatters the curve).", ""]
-    return ["## Points", ""] + note + _table(("sampler", "curve", "label", "steps", "MSE ± se", "FLOPs", "calls",
-                                               "seconds"), rows)
+    return (["## Points", ""] + note + _table(("sampler", "curve", "label", "steps", "MSE ± se", "FLOPs", "calls",
+                                                "seconds"), rows) + _biased_note(p["curve"] for p in points))
 
 
 def _patterns_note(point: Mapping) -> str:
@@ -298,7 +324,9 @@ def write_report(results: Mapping, path: PathLike) -> None:
         lines += ["## Notes", ""] + [line for note in results["notes"] for line in (str(note), "")]
     if results.get("figures"):
         lines += ["## Figures", ""] + [line for name in results["figures"] for line in (f"![]({name})", "")]
-    Path(path).write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
+    from ..files import atomic_write_text
+
+    atomic_write_text(path, "\n".join(lines).rstrip("\n") + "\n")
 
 
 def write_all(results: dict, out_dir: PathLike) -> list[Path]:

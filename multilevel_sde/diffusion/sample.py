@@ -24,7 +24,7 @@ from ..drift import MultilevelDrift
 from ..integrate import odeint, sdeint
 from ..sde import MultilevelSDE
 from ..stats import Stats
-from .levels import DenoiserLevel, LinearPart
+from .levels import DenoiserLevel, LinearPart, declared_schedule, per_level_predictions
 from .schedule import NoiseSchedule, StepGrid, respaced_timesteps
 
 __all__ = ["sample", "SampleResult", "initial_noise", "brownian_path", "BASES"]
@@ -83,8 +83,10 @@ def sample(
     coupling: str = "batch",
     coins="independent",
     base: str = "zero",
-    prediction: str = "eps",
+    prediction: Union[None, str, Sequence[Optional[str]]] = None,
     clip: Optional[float] = 1.0,
+    variance: str = "beta",
+    final_noise: bool = True,
     seed: Optional[int] = None,
     x_T: Optional[torch.Tensor] = None,
     device=None,
@@ -101,11 +103,24 @@ def sample(
         image_shape: ``(C, H, W)``.
         method: "ddpm" (ancestral, stochastic) or "ddim" (eta = 0).
         steps: number of steps, respaced from the schedule's T (e.g. 1000, 250).
+        schedule: the noise schedule (default: the one the networks declare -- an adapter of a diffusers model
+            carries its scheduler's -- else cosine with T = 1000).
         probabilities: an ML-EM schedule (``mlsde.Constant``, ``InverseCost``, ``Sigmoid``, ...).
         costs: per-sample cost of each network (default: FLOPs measured by the flop counter).
         coupling, coins: as in ``MultilevelDrift`` ("batch" coins run each network on the whole batch).
         base: "zero" (the paper's ``f^0 = 0``) or "linear" (``f^0`` = the drift with ``x0 = 0``).
-        prediction, clip: see ``levels.DenoiserLevel``.
+        prediction: what each plain network predicts, "eps" (default), "x0", "v" or "k-diffusion" -- one kind,
+            or one per network for a ladder that mixes them; adapters (``external.DiffusersModel``,
+            ``KDiffusionModel``) know their own. See ``levels.DenoiserLevel``.
+        clip: clip each level's ``x0`` to ``[-clip, clip]`` (None: no clipping).
+        variance: DDPM's noise, "beta" (``sigma^2 = beta'``, diffusers' ``fixed_large``) or "posterior"
+            (``beta~'``, diffusers' ``fixed_small``).
+        final_noise: DDPM only: whether the last step adds noise (default True). False is the reference rule
+            (Ho et al., improved-diffusion, diffusers): the last step returns its mean, the clipped ``x0``
+            estimate, so the images lie in ``[-clip, clip]``. The default keeps the noise because it couples:
+            every method sampled with one seed shares the fine Brownian path, so the last step's noise is the
+            same sum of fine increments that a finer run spreads over its last steps, and the error to a fine
+            reference is smaller (see docs/diffusion.md).
         seed: seeds ``x_T``, the Brownian path and the coins (None: fresh; kept in ``settings``).
         x_T: initial noise ``(batch, C, H, W)`` (default: from ``seed``).
         callback: ``callback(n, x)`` after each step with the images ``(B, C, H, W)``.
@@ -120,11 +135,11 @@ def sample(
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     if not models:
         raise ValueError("models must hold at least one network")
-    schedule = schedule or NoiseSchedule.cosine()
+    schedule = schedule or declared_schedule(models) or NoiseSchedule.cosine()
     seed = check_seed(seed)
     seed = fresh_seed() if seed is None else seed
     device = torch.device(device) if device is not None else _device_of(models[-1])
-    grid = StepGrid(schedule, respaced_timesteps(schedule.T, steps), method)
+    grid = StepGrid(schedule, respaced_timesteps(schedule.T, steps), method, variance, final_noise)
     shape = (batch, *image_shape)
     if x_T is None:
         x_T = initial_noise(shape, seed, device, dtype)
@@ -154,14 +169,18 @@ def sample(
     flops = stats.cost if stats.cost_unit == "flops" else float("nan")
     settings = dict(method=method, steps=steps, batch=batch, seed=seed, coupling=coupling, base=base,
                     multilevel=isinstance(drift, MultilevelDrift), schedule=schedule.kind)
+    if method == "ddpm":
+        settings.update(variance=variance, final_noise=bool(final_noise))
     return SampleResult(out[-1].reshape(shape), stats, flops, seconds, settings)
 
 
 def build_drift(models, grid: StepGrid, image_shape, probabilities=None, costs=None, coupling="batch",
-                coins="independent", base="zero", prediction="eps", clip=1.0, device=None, seed=0):
+                coins="independent", base="zero", prediction=None, clip=1.0, device=None, seed=0):
     """The drift of the sampling SDE: the top network alone (a ``DenoiserLevel``, counted like a one-level
-    ladder with p = 1) or a ``MultilevelDrift`` over every network."""
-    levels = [DenoiserLevel(m, grid, image_shape, prediction, clip, device) for m in models]
+    ladder with p = 1) or a ``MultilevelDrift`` over every network. ``prediction``: one kind, or one per
+    network."""
+    predictions = per_level_predictions(prediction, len(models))
+    levels = [DenoiserLevel(m, grid, image_shape, kind, clip, device) for m, kind in zip(models, predictions)]
     if probabilities is None:
         levels, probabilities = levels[-1:], [1.0]
         costs = None if costs is None else list(costs)[-1:]

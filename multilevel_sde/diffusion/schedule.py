@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["cosine_alpha_bar", "linear_betas", "NoiseSchedule", "respaced_timesteps", "StepGrid"]
+__all__ = ["cosine_alpha_bar", "linear_betas", "NoiseSchedule", "respaced_timesteps", "StepGrid", "same_schedule"]
 
 
 def cosine_alpha_bar(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
@@ -62,6 +62,40 @@ class NoiseSchedule:
         return NoiseSchedule(np.concatenate([[1.0], np.cumprod(1 - linear_betas(T, beta_start, beta_end))]), "linear")
 
     @staticmethod
+    def from_alphas_cumprod(alphas_cumprod, kind: str = "custom") -> "NoiseSchedule":
+        """From diffusers' ``alphas_cumprod`` (``T`` values for its timesteps ``0..T-1``): the library's
+        ``alpha_bar[k]`` is diffusers' ``alphas_cumprod[k - 1]`` (the same noise level, one index later), and
+        ``alpha_bar[0] = 1``."""
+        if isinstance(alphas_cumprod, torch.Tensor):
+            alphas_cumprod = alphas_cumprod.detach().cpu().double().numpy()
+        ac = np.asarray(alphas_cumprod, dtype=np.float64).reshape(-1)
+        if ac.size < 1 or not np.isfinite(ac).all() or (ac < 0).any() or (ac >= 1).any() or (np.diff(ac) >= 0).any():
+            raise ValueError("alphas_cumprod must be a decreasing sequence of values in [0, 1)")
+        return NoiseSchedule(np.concatenate([[1.0], ac]), kind)
+
+    @staticmethod
+    def from_sigmas(sigmas, kind: str = "k-diffusion") -> "NoiseSchedule":
+        """From k-diffusion noise levels ``sigma`` (variance-exploding: ``x = x0 + sigma * noise``), in any order,
+        with or without the final 0 (e.g. ``get_sigmas_karras(n, ...)``): ``alpha_bar = 1 / (1 + sigma^2)``, so
+        the ``n`` nonzero sigmas become timesteps ``1..n`` and a DDIM run with ``steps=n`` visits exactly them
+        (it is k-diffusion's ``sample_euler`` on those sigmas, written in the variance-preserving variables)."""
+        if isinstance(sigmas, torch.Tensor):
+            sigmas = sigmas.detach().cpu().double().numpy()
+        sig = np.unique(np.asarray(sigmas, dtype=np.float64).reshape(-1))  # sorted, increasing
+        if sig.size == 0 or not np.isfinite(sig).all() or (sig < 0).any():
+            raise ValueError("sigmas must be finite and >= 0")
+        sig = sig[sig > 0]
+        if sig.size == 0:
+            raise ValueError("sigmas must hold at least one positive noise level")
+        return NoiseSchedule(np.concatenate([[1.0], 1.0 / (1.0 + sig**2)]), kind)
+
+    @property
+    def sigmas(self) -> np.ndarray:
+        """k-diffusion's noise level of each t = 0..T: ``sqrt((1 - alpha_bar) / alpha_bar)`` (``sigma_0 = 0``)."""
+        with np.errstate(divide="ignore"):
+            return np.sqrt((1 - self.alpha_bar) / self.alpha_bar)
+
+    @staticmethod
     def named(kind: str, T: int = 1000) -> "NoiseSchedule":
         if kind == "cosine":
             return NoiseSchedule.cosine(T)
@@ -94,6 +128,12 @@ class NoiseSchedule:
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
 
+def same_schedule(a: NoiseSchedule, b: NoiseSchedule, rtol: float = 1e-4) -> bool:
+    """Whether two schedules have the same T and ``alpha_bar`` up to ``rtol`` (float32 rounding of a schedule
+    read from a library's tensors is far below it; a different schedule is far above)."""
+    return a is b or (a.T == b.T and np.allclose(a.alpha_bar, b.alpha_bar, rtol=rtol, atol=0.0))
+
+
 def respaced_timesteps(T: int, steps: int) -> np.ndarray:
     """``steps + 1`` timesteps from ``T`` down to 0, evenly strided (improved-diffusion's "respacing"):
     the sampler visits ``S_steps = T > ... > S_0 = 0``. Returns a decreasing int array."""
@@ -111,6 +151,12 @@ class StepGrid:
         timesteps: decreasing ints ``T = S_n > ... > S_0 = 0`` (``respaced_timesteps``).
         method: "ddpm" (ancestral, ``sigma^2 = beta'``, or ``beta~'`` with ``variance="posterior"``) or
             "ddim" (eta = 0, deterministic).
+        variance: DDPM's noise: "beta" (``sigma^2 = beta'``, diffusers' ``fixed_large``) or "posterior"
+            (``sigma^2 = beta~' = beta' (1 - alpha_bar_prev) / (1 - alpha_bar_t)``, diffusers' ``fixed_small``).
+        final_noise: whether the last DDPM step (to ``t = 0``) adds noise. ``False`` is the reference sampler's
+            rule (Ho et al., improved-diffusion, diffusers at ``t = 0``): the last step returns its mean, which is
+            the clipped ``x0`` estimate exactly (``A = 1``, ``B = 0`` there). With ``variance="posterior"`` the
+            last step's noise is 0 either way.
 
     Attributes (float64 numpy, one entry per step ``n = 0..N-1`` from ``S_{N-n}`` to ``S_{N-n-1}``):
         ``times``: solver times ``(N + 1,)``; ``h``: step lengths; ``t_from``: timestep at the start of each
@@ -118,15 +164,17 @@ class StepGrid:
     """
 
     def __init__(self, schedule: NoiseSchedule, timesteps: Sequence[int], method: str = "ddpm",
-                 variance: str = "beta"):
+                 variance: str = "beta", final_noise: bool = True):
         if method not in ("ddpm", "ddim"):
             raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
         if variance not in ("beta", "posterior"):
             raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
+        if not isinstance(final_noise, (bool, np.bool_)):
+            raise ValueError(f"final_noise must be True or False, got {final_noise!r}")
         ts = np.asarray(timesteps, dtype=np.int64)
         if ts.ndim != 1 or len(ts) < 2 or ts[0] != schedule.T or ts[-1] != 0 or (np.diff(ts) >= 0).any():
             raise ValueError(f"timesteps must decrease strictly from T={schedule.T} to 0, got {ts.tolist()}")
-        self.schedule, self.method, self.variance = schedule, method, variance
+        self.schedule, self.method, self.variance, self.final_noise = schedule, method, variance, bool(final_noise)
         self.timesteps = ts
         self.times = schedule.solver_time(ts)
         self.h = np.diff(self.times)
@@ -139,12 +187,16 @@ class StepGrid:
             self.B = np.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)
             posterior = beta * (1 - a_prev) / (1 - a_t)
             self.sigma = np.sqrt(posterior if variance == "posterior" else beta)
+            if not final_noise:
+                self.sigma[-1] = 0.0
         else:
             self.B = np.sqrt(1 - a_prev) / np.sqrt(1 - a_t)
             self.A = np.sqrt(a_prev) - self.B * np.sqrt(a_t)
             self.sigma = np.zeros_like(beta)
         self.sqrt_ab = np.sqrt(a_t)
         self.sqrt_1m_ab = np.sqrt(1 - a_t)
+        with np.errstate(divide="ignore"):
+            self.ve_sigma = self.sqrt_1m_ab / self.sqrt_ab  # k-diffusion's sigma (inf at zero terminal SNR)
 
     @property
     def num_steps(self) -> int:
@@ -152,7 +204,7 @@ class StepGrid:
 
     def tensors(self, device, dtype=torch.float64) -> dict:
         """The per-step coefficients as tensors on ``device`` (gathered by step index inside the levels)."""
-        names = ("times", "h", "A", "B", "sigma", "sqrt_ab", "sqrt_1m_ab")
+        names = ("times", "h", "A", "B", "sigma", "sqrt_ab", "sqrt_1m_ab", "ve_sigma")
         out = {n: torch.as_tensor(getattr(self, n), dtype=dtype, device=device) for n in names}
         out["t_from"] = torch.as_tensor(self.t_from, dtype=torch.long, device=device)
         return out

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .levels import DenoiserLevel
+from .levels import DenoiserLevel, declared_schedule, per_level_predictions
 from .sample import SampleResult, sample
 from .schedule import NoiseSchedule, StepGrid, respaced_timesteps
 
@@ -47,10 +47,12 @@ def stitch_sample(small: nn.Module, large: nn.Module, image_shape: Sequence[int]
         raise ValueError(f"switch must be an integer in [0, steps={steps}], got {switch!r}")
     if len(costs) != 2:
         raise ValueError(f"costs must give the cost of small and large, got {costs!r}")
-    schedule = schedule or NoiseSchedule.cosine()
+    schedule = schedule or declared_schedule([small, large]) or NoiseSchedule.cosine()
     grid = StepGrid(schedule, respaced_timesteps(schedule.T, steps), method)
-    prediction, clip = kwargs.pop("prediction", "eps"), kwargs.pop("clip", 1.0)
-    levels = [DenoiserLevel(m, grid, image_shape, prediction, clip, device) for m in (small, large)]
+    prediction, clip = kwargs.pop("prediction", None), kwargs.pop("clip", 1.0)
+    predictions = per_level_predictions(prediction, 2)
+    levels = [DenoiserLevel(m, grid, image_shape, kind, clip, device)
+              for m, kind in zip((small, large), predictions)]
     # step n is evaluated at times[n]: steps n < switch fall before the midpoint of times[switch - 1:switch + 1]
     switch_time = float("-inf") if switch == 0 else 0.5 * (grid.times[switch - 1] + grid.times[switch])
     drift = SwitchDrift(levels[0], levels[1], switch_time)

@@ -43,7 +43,10 @@ and plain containers -- weights, EMA weights, optimiser state, step, generator s
 class name and config, the :class:`TrainConfig`, the log so far, the data's shape -- so
 ``torch.load(path, weights_only=True)`` reads them; every load here uses ``weights_only=True`` (no arbitrary
 pickle). They are written atomically (temporary file in the same folder, fsync, ``os.replace``): a crash leaves
-the previous checkpoint intact. Calling :func:`train_level` again on the same ``out_dir`` resumes from it (and a
+the previous checkpoint intact. They carry the sha256 of their tensors, which every load verifies (a damaged file
+is a ``files.DamagedFileError`` naming it; older checkpoints without one load unverified). A run holds its folder's
+lock (a second writer is refused), removes temporaries left by killed saves, and on SIGINT/SIGTERM saves a
+checkpoint and raises :class:`TrainingInterrupted` (docs/architecture.md, "Guarantees"). Calling :func:`train_level` again on the same ``out_dir`` resumes from it (and a
 finished one with ``steps`` raised continues training); the seed, batch size, schedule and distillation settings
 must match (``ValueError`` otherwise), the architecture too (``ValueError`` naming both configs).
 
@@ -89,14 +92,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._random import check_seed, derive_seed, make_generator
+from ..files import DamagedFileError, FolderLock, FolderLockedError, atomic_write, check_writable_folder, clean_stale_temporaries
 from .levels import _unwrap
+from .nested import NestedUNet, nested_loss
 from .schedule import NoiseSchedule
 
 __all__ = ["TrainConfig", "train_level", "train_ladder", "save_checkpoint", "load_checkpoint", "load_level", "load_ladder",
-           "level_differences", "check_architecture", "main", "CHECKPOINT_NAME", "AUTOCAST"]
+           "level_differences", "check_architecture", "main", "CHECKPOINT_NAME", "AUTOCAST", "trained_schedule",
+           "checkpoint_schedule", "checkpoint_checksum", "TrainingInterrupted", "DamagedFileError"]
 
 PathLike = Union[str, os.PathLike]
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKSUM_KEY = "checksum"
 FORMAT = "multilevel_sde.diffusion.train/1"
 AUTOCAST = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 # Random streams of training (sample.py uses 10-12).
@@ -104,7 +111,7 @@ STREAM_DATA, STREAM_TIME, STREAM_NOISE, STREAM_EVAL, STREAM_DIFF = 20, 21, 22, 2
 # Config keys that do not change the weights' shapes (ignored by the architecture check).
 _NON_ARCHITECTURE_KEYS = ("seed", "autocast")
 # TrainConfig fields that fix the random streams and the objective: a resumed run must keep them.
-_RESUME_KEYS = ("seed", "batch_size", "schedule", "T", "distill_mix")
+_RESUME_KEYS = ("seed", "batch_size", "schedule", "T", "distill_mix", "nested_target", "rung_weight")
 _LOG_COLUMNS = ("step", "loss", "eps_loss", "grad_norm", "lr", "heldout_loss", "heldout_loss_raw",
                 "heldout_distill", "seconds")
 
@@ -149,6 +156,10 @@ class TrainConfig:
             ``teacher`` argument overrides it).
         distill_mix: weight of the teacher in the target, in (0, 1] (see the module docstring).
         schedule, T: the noise schedule ("cosine" or "linear") and its number of steps.
+        nested_target, rung_weight: for a ``NestedUNet`` (every width trained at each step, see
+            ``nested.nested_loss``): what the smaller widths regress ("top": the top width's eps, "next": the
+            next larger width's) and the weight of their losses beside the top width's; ``distill_mix`` mixes the
+            true noise into their target as for distillation.
     """
 
     steps: int = 2000
@@ -172,6 +183,8 @@ class TrainConfig:
     distill_mix: float = 1.0
     schedule: str = "cosine"
     T: int = 1000
+    nested_target: str = "top"
+    rung_weight: float = 1.0
 
     def __post_init__(self):
         self.validate()
@@ -205,6 +218,10 @@ class TrainConfig:
             raise _bad("seed", self.seed, "a non-negative integer")
         if self.autocast is not None and self.autocast not in AUTOCAST:
             raise _bad("autocast", self.autocast, f"None or one of {sorted(AUTOCAST)}")
+        if self.nested_target not in ("top", "next"):
+            raise _bad("nested_target", self.nested_target, "'top' or 'next'")
+        if not _is_num(self.rung_weight) or self.rung_weight < 0:
+            raise _bad("rung_weight", self.rung_weight, "a non-negative number")
         if self.schedule not in ("cosine", "linear"):
             raise _bad("schedule", self.schedule, "'cosine' or 'linear'")
         if self.device is not None and not isinstance(self.device, (str, torch.device)):
@@ -313,33 +330,7 @@ def check_architecture(model: nn.Module, checkpoint: dict, path: PathLike = "che
 
 
 # ------------------------------------------------------------------------------------------------ files
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":  # pragma: no cover
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Write ``path`` through a temporary file in the same folder, fsync'ed, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+_atomic_write = atomic_write  # the writer of every file here (multilevel_sde.files; the old private name kept)
 
 
 def save_checkpoint(path: PathLike, model: nn.Module, ema: Optional[nn.Module] = None,
@@ -371,7 +362,41 @@ def save_checkpoint(path: PathLike, model: nn.Module, ema: Optional[nn.Module] =
     }
     for key, value in (extra or {}).items():
         state[key] = value if isinstance(value, torch.Tensor) else _plain_or_tensors(value)
+    state[CHECKSUM_KEY] = {"algorithm": "sha256", "value": checkpoint_checksum(state)}
     return _atomic_write(path, lambda fh: torch.save(state, fh))
+
+
+def _digest(value, h, where: str = "") -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        h.update(f"{where}:{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _digest(v, h, f"{where}/{k!r}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _digest(v, h, f"{where}[{i}]")
+
+
+def checkpoint_checksum(state: dict) -> str:
+    """sha256 of a checkpoint's tensors (weights, EMA, optimiser state, generator states, ...): each one's place,
+    dtype, shape and bytes, in the order saved. ``save_checkpoint`` records it; every load verifies it. (Plain
+    values such as the wall-clock seconds are left out: a resumed run's tensors, and so its checksum, equal an
+    uninterrupted run's.)"""
+    import hashlib
+
+    h = hashlib.sha256()
+    _digest({k: v for k, v in state.items() if k != CHECKSUM_KEY}, h)
+    return h.hexdigest()
+
+
+def _damaged(path: Path, detail: str) -> DamagedFileError:
+    return DamagedFileError(
+        f"checkpoint {os.fspath(path)!r} is damaged or incomplete ({detail}); it cannot be used: restore it from a "
+        "copy, or move it away and re-run the training that wrote it (mlsde train resumes from a checkpoint, or "
+        "starts afresh in a folder without one)")
 
 
 def _plain_or_tensors(value):
@@ -389,19 +414,36 @@ def load_checkpoint(path: PathLike, model: Optional[nn.Module] = None, map_locat
     """Load a checkpoint with ``torch.load(weights_only=True)`` (never arbitrary pickle) and return it.
 
     With ``model``: check the architecture (``ValueError`` naming both configs) and load the raw weights
-    (``ema=True``: the EMA weights) into it. A missing file raises ``FileNotFoundError``; a file holding
-    anything but tensors and plain containers raises ``ValueError``.
+    (``ema=True``: the EMA weights) into it. A missing file raises ``FileNotFoundError``; an empty, truncated or
+    altered file (its tensors' checksum, when it records one) or one holding anything but tensors and plain
+    containers raises ``files.DamagedFileError`` (a ``ValueError``) naming it and what to do.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {os.fspath(path)!r}")
+    if path.stat().st_size == 0:
+        raise _damaged(path, "the file is empty")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{os.fspath(path)!r} is not a weights-only checkpoint (it holds objects other than "
-                         f"tensors and plain containers; refusing to unpickle them): {err}") from err
+    except pickle.UnpicklingError as err:  # a malicious pickle or a damaged file: refused either way
+        text = str(err)
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0] if text.strip() else ""
+        raise DamagedFileError(
+            f"{os.fspath(path)!r} is not a weights-only checkpoint: it is damaged, or holds objects other than "
+            f"tensors and plain containers, which are never unpickled ({detail or type(err).__name__}); restore it "
+            "from a copy, or move it away and re-run the training that wrote it") from err
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            UnicodeDecodeError) as err:  # truncated, cut or altered: torch's zip reader and unpickler fail
+        if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            raise
+        raise _damaged(path, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not a {FORMAT} checkpoint")
+    recorded = ckpt.get(CHECKSUM_KEY)
+    if recorded is not None:  # checkpoints written before checksums have none to verify
+        value = recorded.get("value") if isinstance(recorded, dict) else None
+        if value != checkpoint_checksum(ckpt):
+            raise _damaged(path, "its contents do not match the sha256 checksum recorded when it was saved")
     if model is not None:
         check_architecture(model, ckpt, path)
         _unwrap_model(model).load_state_dict(ckpt["ema" if ema else "model"])
@@ -412,14 +454,22 @@ def load_level(path: PathLike, device=None, model_factory: Optional[Callable] = 
     """The model of a checkpoint (a file, or a folder holding ``checkpoint.pt``) with its **EMA** weights, in
     eval mode, on ``device``.
 
-    The model is rebuilt from the saved config: a ``SeparableUNet`` by ``SeparableUNet.from_config``; any other
-    class needs ``model_factory`` -- a class with ``from_config(config)`` or a callable ``config -> model``.
+    The model is rebuilt from the saved config: a ``SeparableUNet`` or ``NestedUNet`` by its ``from_config``; any
+    other class needs ``model_factory`` -- a class with ``from_config(config)`` or a callable ``config -> model``.
+    The model carries how it was trained: ``model.noise_schedule`` (the ``NoiseSchedule`` of the checkpoint's
+    ``train_config``, None if it records none; sample with it, see :func:`trained_schedule`) and
+    ``model.checkpoint_path``.
     """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
-    ckpt = load_checkpoint(path)
+    return _level_from(load_checkpoint(path), path, device, model_factory)
+
+
+def _level_from(ckpt: dict, path: Path, device=None, model_factory: Optional[Callable] = None) -> nn.Module:
     cls, cfg = ckpt["model_class"], ckpt["model_config"]
+    if model_factory is None and cls == "NestedUNet":
+        model_factory = NestedUNet
     if model_factory is None:
         if cls != "SeparableUNet":
             raise ValueError(f"{os.fspath(path)!r} holds a {cls}; pass model_factory (a class with from_config, "
@@ -437,15 +487,59 @@ def load_level(path: PathLike, device=None, model_factory: Optional[Callable] = 
     model.eval()
     if device is not None:
         model.to(device)
+    # how it was trained travels with it: sampling must use this schedule (trained_schedule, mlsde sample)
+    model.noise_schedule = checkpoint_schedule(ckpt)
+    model.checkpoint_path = os.fspath(path)
     return model
+
+
+def checkpoint_schedule(ckpt: dict) -> Optional[NoiseSchedule]:
+    """The noise schedule a checkpoint's network was trained with (its ``train_config``'s ``schedule`` and
+    ``T``), None when it records none."""
+    config = ckpt.get("train_config")
+    if not isinstance(config, dict) or config.get("schedule") is None:
+        return None
+    return NoiseSchedule.named(config["schedule"], int(config.get("T") or 1000))
+
+
+def _schedule_and_source(model, index: int) -> tuple:
+    owner = model
+    own = getattr(model, "noise_schedule", None)
+    nested = getattr(model, "nested", None)
+    if own is None and isinstance(nested, nn.Module):  # a NestedLevel view: its network's
+        owner, own = nested, getattr(nested, "noise_schedule", None)
+    source = getattr(model, "checkpoint_path", None) or getattr(owner, "checkpoint_path", None)
+    return own, (repr(source) if source else f"network {index} ({type(model).__name__})")
+
+
+def trained_schedule(models: Sequence) -> Optional[NoiseSchedule]:
+    """The noise schedule the networks were trained with (``load_level`` records it as ``model.noise_schedule``,
+    from the checkpoint's ``train_config``), None when none records one. A ``ValueError`` naming the checkpoint
+    files when they were trained with different schedules: one sampler cannot serve them."""
+    from .schedule import same_schedule
+
+    found = None
+    for i, model in enumerate(models):
+        own, source = _schedule_and_source(model, i)
+        if own is None:
+            continue
+        if found is not None and not same_schedule(found[0], own):
+            raise ValueError(f"the ladder mixes noise schedules: {found[1]} was trained with {found[0].kind} "
+                             f"(T={found[0].T}) and {source} with {own.kind} (T={own.T}); one sampler cannot serve "
+                             "both: use levels trained with the same --schedule and --T")
+        found = found or (own, source)
+    return None if found is None else found[0]
 
 
 def load_ladder(paths: Union[PathLike, Sequence[PathLike]], device=None) -> tuple[list, list, tuple]:
     """The EMA models of a ladder, cheapest first: ``(models, names, image_shape)``.
 
     ``paths``: a ladder folder written by :func:`train_ladder` (its ``level_0``, ``level_1``, ... in index
-    order), or checkpoint files / folders in ladder order. ``image_shape`` ``(C, H, W)`` is read from the
-    data shape the checkpoints were trained on; ``names`` are ``"level_i (d=base channels)"``.
+    order), or checkpoint files / folders in ladder order. A checkpoint of a ``NestedUNet`` gives all its widths
+    (``NestedLevel`` views, smallest first). ``image_shape`` ``(C, H, W)`` is read from the data shape the
+    checkpoints were trained on; ``names`` are ``"level_i (d=base channels)"`` (``"width d"`` for nested levels).
+    Every model carries its ``noise_schedule`` (see :func:`load_level`); a ladder whose checkpoints were trained with
+    different schedules is refused (``ValueError`` naming the files).
     """
     paths = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
     if len(paths) == 1 and paths[0].is_dir() and not (paths[0] / CHECKPOINT_NAME).exists():
@@ -458,15 +552,24 @@ def load_ladder(paths: Union[PathLike, Sequence[PathLike]], device=None) -> tupl
     models, names, shapes = [], [], set()
     for file in files:
         ckpt = load_checkpoint(file)
-        models.append(load_level(file, device=device))
+        model = _level_from(ckpt, file, device=device)
         shape = (ckpt.get("data") or {}).get("shape")
         if shape:
             shapes.add(tuple(int(s) for s in shape[1:]))
+        if isinstance(model, NestedUNet):
+            views = model.levels()
+            for view in views:  # each width carries its network's schedule and file
+                view.noise_schedule, view.checkpoint_path = model.noise_schedule, model.checkpoint_path
+            models += views
+            names += [f"width {w}" for w in model.widths]
+            continue
+        models.append(model)
         width = (ckpt.get("model_config") or {}).get("base_channels")
         names.append(f"{file.parent.name} (d={width})" if width else file.parent.name)
     if len(shapes) != 1:
         raise ValueError(f"the checkpoints were trained on different or unknown image shapes {sorted(shapes)}; "
                          "give the image shape yourself")
+    trained_schedule(models)  # refuses a ladder whose levels were trained with different schedules
     return models, names, shapes.pop()
 
 
@@ -513,9 +616,12 @@ def _as_images(data, name: str, allow_none: bool = False) -> Optional[torch.Tens
     return images
 
 
-def _split(images: torch.Tensor, holdout, seed: int):
+def _split(images: torch.Tensor, holdout, seed: int, name: str = "the data"):
     """``(train, heldout)`` as :func:`data.split_dataset` draws them (same permutation, same sizes)."""
     n = images.shape[0]
+    if n < 2:
+        raise ValueError(f"{name} holds only {n} image{'' if n == 1 else 's'}: training needs at least 2 (one to "
+                         "train on, one held out)")
     if isinstance(holdout, float):
         if not 0 < holdout < 1:
             raise ValueError(f"holdout must be a fraction in (0, 1) or a count; got {holdout!r}")
@@ -593,7 +699,8 @@ def _load_teacher(teacher, device, model_factory) -> Optional[nn.Module]:
 
 
 def _check_resume(ckpt: dict, config: TrainConfig, distilled: bool, images: torch.Tensor, path: Path) -> None:
-    saved = ckpt.get("train_config") or {}
+    defaults = TrainConfig().to_dict()  # a setting added after the checkpoint was written had its default
+    saved = {**defaults, **(ckpt.get("train_config") or {})}
     now = config.to_dict()
     bad = {k: (saved.get(k), now.get(k)) for k in _RESUME_KEYS if saved.get(k) != now.get(k)}
     if bool(ckpt.get("distilled")) != distilled:
@@ -601,7 +708,6 @@ def _check_resume(ckpt: dict, config: TrainConfig, distilled: bool, images: torc
     if bad:
         raise ValueError(f"cannot resume {os.fspath(path)!r}: settings that fix the run's random streams or "
                          f"objective differ (checkpoint, now): {bad}; use another output folder")
-    defaults = TrainConfig().to_dict()  # a setting added after the checkpoint was written had its default
     changed = {k: (saved.get(k, defaults[k]), now[k]) for k in ("lr", "ema_decay", "ema_warmup", "warmup", "decay",
                                                                 "grad_clip", "weight_decay", "autocast")
                if saved.get(k, defaults[k]) != now[k]}
@@ -659,6 +765,11 @@ def train_level(model: nn.Module, train_data, heldout_data=None, config: Optiona
     (``[step, loss]`` pairs), ``loss_history``, ``seconds`` (training wall time, all segments), ``steps``,
     ``start_step``, ``skipped`` (the checkpoint was already finished), ``checkpoint``, ``out_dir``,
     ``distilled``, ``world_size``, ``ranks_in_sync``, ``num_parameters``, ``model_class``, ``model_config``.
+
+    Files (docs/architecture.md, "Guarantees"): the first process takes ``out_dir``'s lock (a second writer gets
+    ``files.FolderLockedError``) and removes temporaries left by killed saves; every file is written atomically.
+    On SIGINT/SIGTERM (main thread) the step in progress finishes, a checkpoint is saved and
+    :class:`TrainingInterrupted` is raised (a ``KeyboardInterrupt``); calling again resumes bit-identically.
     """
     config = (config or TrainConfig()).validate()
     if out_dir is None:
@@ -666,6 +777,111 @@ def train_level(model: nn.Module, train_data, heldout_data=None, config: Optiona
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module; got {type(model).__name__}")
     out_dir = Path(out_dir)
+    if _launch_rank() != 0:  # only the first process writes files
+        return _train_level(model, train_data, heldout_data, config, out_dir, teacher, model_factory, callback,
+                            resume)
+    check_writable_folder(out_dir, "output folder")
+    with FolderLock(out_dir, f"training {type(model).__name__}"):
+        clean_stale_temporaries(out_dir)
+        _refuse_foreign_files(out_dir)
+        return _train_level(model, train_data, heldout_data, config, out_dir, teacher, model_factory, callback,
+                            resume)
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` (a log or summary name of a run folder) holds what training writes there."""
+    try:
+        if path.name == "log.csv":
+            with open(path, encoding="utf-8") as fh:
+                return fh.readline().startswith("step,loss")
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    keys = ("rows", "train_config") if path.name == "log.json" else ("final_loss", "checkpoint")
+    return isinstance(value, dict) and all(k in value for k in keys)
+
+
+def _refuse_foreign_files(out_dir: Path) -> None:
+    """Training replaces its own logs and summary only: a ``log.json``, ``log.csv`` or ``summary.json`` that
+    something else wrote is never overwritten (a ``ValueError`` naming it)."""
+    for name in ("log.csv", "log.json", "summary.json"):
+        path = out_dir / name
+        if path.exists() and not _ours(path):
+            raise ValueError(f"{os.fspath(path)!r} was not written by training and would be overwritten; give "
+                             "another output folder (or move the file away)")
+
+
+def _launch_rank() -> int:
+    """This process's rank: the process group's, else torchrun's ``RANK`` (before the group exists), else 0."""
+    rank = _rank()
+    return rank if rank else int(os.environ.get("RANK", "0") or 0)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM after saving a checkpoint: ``signum``, ``step``, ``steps``,
+    ``checkpoint`` (the path); run the same training again to resume it."""
+
+    def __init__(self, signum: int, step: int, steps: int, checkpoint: PathLike):
+        import signal
+
+        self.signum, self.step, self.steps, self.checkpoint = int(signum), int(step), int(steps), Path(checkpoint)
+        self.signame = signal.Signals(self.signum).name
+        super().__init__(f"training interrupted by {self.signame} at step {step} of {steps}; checkpoint saved to "
+                         f"{os.fspath(checkpoint)!r}: run the same training again to resume")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM set ``signum`` instead of stopping the process (the loop saves and stops between
+    steps); a second signal restores the old handlers and interrupts at once. Only in the main thread."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # asked twice: stop now
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "_StopSignals":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def requested(self, world: int, device) -> bool:
+        if world == 1:
+            return self.signum is not None
+        import torch.distributed as dist  # every rank stops at the same step
+
+        flag = torch.tensor([0 if self.signum is None else self.signum], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signum is None:
+            self.signum = int(flag.item())
+        return bool(flag.item())
+
+
+def _train_level(model: nn.Module, train_data, heldout_data, config: TrainConfig, out_dir: Path, teacher,
+                 model_factory: Optional[Callable], callback: Optional[Callable[[int], None]], resume: bool) -> dict:
+    """:func:`train_level` once its folder is locked (first process) or without files (the others)."""
     ckpt_path = out_dir / CHECKPOINT_NAME
     images = _as_images(train_data, "train_data")
     held = _as_images(heldout_data, "heldout_data", allow_none=True)
@@ -688,6 +904,10 @@ def train_level(model: nn.Module, train_data, heldout_data=None, config: Optiona
     raw = model
     teacher = teacher if teacher is not None else config.distill_from
     distilled = teacher is not None
+    nested = isinstance(raw, NestedUNet)
+    if nested and distilled:
+        raise ValueError("a NestedUNet distils its smaller widths from its own top width; it takes no teacher "
+                         f"(got {_describe_teacher(teacher)!r})")
     teacher_desc = _describe_teacher(teacher)
     teacher = _load_teacher(teacher, device, model_factory)
     schedule = NoiseSchedule.named(config.schedule, config.T)
@@ -827,7 +1047,7 @@ def train_level(model: nn.Module, train_data, heldout_data=None, config: Optiona
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.steps, initial=start_step, disable=not config.progress or rank != 0,
-               desc=f"train {_model_class(raw)}", dynamic_ncols=True)
+               desc=f"train {out_dir.name} ({_model_class(raw)})", dynamic_ncols=True)
     ema_params = [p for p in ema.parameters()]
     raw_params = [p for p in raw.parameters()]
     ema_buffers, raw_buffers = list(ema.buffers()), list(raw.buffers())
@@ -837,7 +1057,9 @@ def train_level(model: nn.Module, train_data, heldout_data=None, config: Optiona
     net.train()
     t_start = time.perf_counter()
     step = start_step
+    stop = _StopSignals()
     try:
+        stop.__enter__()
         while step < config.steps:
             idx = batch_indices(step)
             x0 = train_images[idx.to(train_images.device)].to(device, non_blocking=True)
@@ -848,8 +1070,14 @@ def train_level(model: nn.Module, train_data, heldout_data=None, config: Optiona
             noise = noise_all[lo:hi].to(device)
             x_t = _q_sample(alpha_bar, x0.to(torch.float32), t, noise)
             with _autocast(device, config.autocast):
-                pred = _forward(net, x_t, t)
-                if teacher is not None:
+                if nested:  # every width on the same batch; the smaller ones regress the larger (nested.py)
+                    outputs = net(x_t, t, width="all")
+                    pred = target = outputs[-1]
+                else:
+                    pred = _forward(net, x_t, t)
+                if nested:
+                    pass
+                elif teacher is not None:
                     with torch.no_grad():
                         target = _forward(teacher, x_t, t).float()
                     if config.distill_mix < 1:
@@ -860,7 +1088,10 @@ def train_level(model: nn.Module, train_data, heldout_data=None, config: Optiona
             if pred.shape != noise.shape:
                 raise ValueError(f"the model returned shape {tuple(pred.shape)} for inputs of shape "
                                  f"{tuple(x_t.shape)}; an eps-predictor must return the input's shape")
-            loss = F.mse_loss(pred, target)
+            if nested:
+                loss, _ = nested_loss(outputs, noise, config.nested_target, config.distill_mix, config.rung_weight)
+            else:
+                loss = F.mse_loss(pred, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -875,7 +1106,7 @@ def train_level(model: nn.Module, train_data, heldout_data=None, config: Optiona
                 torch._foreach_lerp_(ema_params, raw_params, 1.0 - decay)
                 for eb, rb in zip(ema_buffers, raw_buffers):
                     eb.copy_(rb)
-            eps_loss = loss.detach() if teacher is None else F.mse_loss(pred.detach(), noise)
+            eps_loss = loss.detach() if teacher is None and not nested else F.mse_loss(pred.detach(), noise)
             accum += torch.stack([loss.detach(), eps_loss, grad_norm.detach()]).to(torch.float64)
             accum_count += 1
             step += 1
@@ -894,6 +1125,8 @@ def train_level(model: nn.Module, train_data, heldout_data=None, config: Optiona
                     e0 = time.perf_counter()
                     row["heldout_loss"], row["heldout_distill"] = evaluate(ema)
                     row["heldout_loss_raw"], _ = evaluate(raw)
+                    if nested:
+                        row["heldout_levels"] = [evaluate(level)[0] for level in ema.levels()]
                     eval_seconds += time.perf_counter() - e0
                 row["seconds"] = seconds_before + time.perf_counter() - t_start
                 rows.append(row)
@@ -909,7 +1142,13 @@ def train_level(model: nn.Module, train_data, heldout_data=None, config: Optiona
                     save(step, acc_now, accum_count, seconds_before + time.perf_counter() - t_start)
             if callback is not None:
                 callback(step)
+            if step < config.steps and stop.requested(world, device):  # save where we are, then stop
+                acc_now = reduced(accum)
+                if rank == 0:
+                    save(step, acc_now, accum_count, seconds_before + time.perf_counter() - t_start)
+                raise TrainingInterrupted(stop.signum, step, config.steps, ckpt_path)
     finally:
+        stop.restore()
         bar.close()
     seconds_run = time.perf_counter() - t_start
 
@@ -930,6 +1169,8 @@ def train_level(model: nn.Module, train_data, heldout_data=None, config: Optiona
                             seconds_this_run=seconds_run, skipped=False, ranks_in_sync=in_sync, **base_summary)
     if rank == 0:
         _atomic_write(out_dir / "summary.json", lambda fh: fh.write(json.dumps(_plain(summary), indent=1).encode()))
+    if stop.signum is not None:  # the signal came during the last step: the run is complete, but stop here
+        raise TrainingInterrupted(stop.signum, step, config.steps, ckpt_path)
     return summary
 
 
@@ -1124,63 +1365,137 @@ def _rank() -> int:
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m multilevel_sde.diffusion.train") -> argparse.ArgumentParser:
+    from ..cli import HelpFormatter, Parser  # shows each option's default; one-line errors
+
     d = TrainConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m multilevel_sde.diffusion.train",
-        description="Train one SeparableUNet level (or a ladder of them) on the eps-prediction loss, with an EMA, "
-                    "resumable checkpoints and held-out losses. Runs under torchrun for several processes "
-                    "(DistributedDataParallel): torchrun --nproc_per_node=2 -m multilevel_sde.diffusion.train ...")
+    p = Parser(
+        prog=prog, formatter_class=HelpFormatter,
+        description="Train one SeparableUNet level (or a ladder of them, or one NestedUNet whose widths are the "
+                    "levels) on the eps-prediction loss, with an EMA, resumable checkpoints and held-out losses. "
+                    "Runs under torchrun for several processes (DistributedDataParallel): "
+                    "torchrun --nproc_per_node=2 -m multilevel_sde.diffusion.train ...")
     p.add_argument("--preset", action="append", default=None,
                    help="UNet preset(s) (e.g. cpu-s); several (repeated or comma-separated) train a ladder")
     p.add_argument("--family", default=None, help="train the whole ladder of a preset family ('cpu', 'paper')")
-    p.add_argument("--data", default="default", help="data spec: 'default', 'celeba:PATH', 'folder:PATH', PATH")
-    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--data", default="default",
+                   help="data spec: default (the built-in digits), celeba:PATH, folder:PATH or a bare PATH")
+    p.add_argument("--image-size", type=int, default=16, help="image height and width the data are resized to")
     p.add_argument("--channels", type=int, default=None, help="image channels (default: the data's)")
     p.add_argument("--limit", type=int, default=None, help="use only the first LIMIT images")
     p.add_argument("--holdout", type=float, default=0.05, help="held-out fraction (< 1) or count (>= 1)")
     p.add_argument("--out", required=True, help="output folder (resumed if it holds a checkpoint)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help="total optimiser steps (a resumed run continues up to this number)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="global batch size (split over the processes under torchrun)")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam's learning rate (after the warm-up)")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help="decay of the EMA of the weights, in [0, 1) (the EMA weights are the ones sampled with)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="steps of linear learning-rate warm-up (0: none)")
     p.add_argument("--decay", type=int, default=d.decay,
                    help="lower the learning rate linearly towards 0 over the run's last DECAY steps (0: constant)")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: no clipping)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="0: only at the end")
-    p.add_argument("--eval-size", type=int, default=d.eval_size)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="0: only at the end")
-    p.add_argument("--device", default=None)
-    p.add_argument("--autocast", choices=["bf16"], default=None)
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="Adam's L2 weight decay")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seeds the initial weights, the held-out split and every stream of the run (batch order, "
+                        "t, noise)")
+    p.add_argument("--log-every", type=int, default=d.log_every,
+                   help="a log row every this many steps (and at the end)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="held-out losses every this many steps (0: only at the end)")
+    p.add_argument("--eval-size", type=int, default=d.eval_size, help="held-out images evaluated (0: no held-out loss)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="a checkpoint every this many steps (0: only at the end)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, ... (default: cpu; cuda:LOCAL_RANK under torchrun when CUDA is available)")
+    p.add_argument("--autocast", choices=["bf16"], default=None,
+                   help="bf16: bfloat16 autocast for the forward passes (default: none, float32)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show a progress bar (first process only)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="store the weights and run the UNet(s) in the channels_last memory format")
     p.add_argument("--distill", action="store_true", help="ladder: distil each level from a larger one")
-    p.add_argument("--distill-target", choices=["next", "top"], default="next")
+    p.add_argument("--distill-target", choices=["next", "top"], default="next",
+                   help="with --distill: each level's teacher is the next larger level or the top one")
     p.add_argument("--distill-from", default=None, help="one level: distil from this checkpoint")
-    p.add_argument("--distill-mix", type=float, default=d.distill_mix)
+    p.add_argument("--distill-mix", type=float, default=d.distill_mix,
+                   help="distillation target: MIX * teacher's eps + (1 - MIX) * true noise, MIX in (0, 1]")
     p.add_argument("--init-from", default=None,
                    help="one level: start from evenly spaced channels and the first blocks of this (larger) "
                         "checkpoint's EMA weights (weight selection) instead of a random initialisation")
-    p.add_argument("--schedule", choices=["cosine", "linear"], default=d.schedule)
-    p.add_argument("--T", type=int, default=d.T)
+    p.add_argument("--nested", default=None, metavar="PRESET",
+                   help="train one NestedUNet whose widths are the ladder's levels (e.g. nested-cpu; see "
+                        "multilevel_sde.diffusion.nested) instead of separate presets")
+    p.add_argument("--widths", default=None, help="with --nested: the base widths, e.g. 4,8,12,16,24")
+    p.add_argument("--nested-target", choices=["top", "next"], default=d.nested_target,
+                   help="with --nested: what the smaller widths regress (default: %(default)s)")
+    p.add_argument("--rung-weight", type=float, default=d.rung_weight,
+                   help="with --nested: weight of the smaller widths' losses (default: %(default)s)")
+    p.add_argument("--schedule", choices=["cosine", "linear"], default=d.schedule, help="noise schedule")
+    p.add_argument("--T", type=int, default=d.T, help="number of steps of the noise schedule")
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry (``python -m multilevel_sde.diffusion.train --help``); works under ``torchrun``."""
-    args = _parser().parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, quiet: bool = False) -> int:
+    """Command-line entry (``python -m multilevel_sde.diffusion.train --help``); works under ``torchrun``.
+    ``prog``: the command's name in usage and error messages (``mlsde train`` from ``mlsde``); ``quiet``: do not
+    print the summary (it is in the output folder's ``summary.json``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or "python -m multilevel_sde.diffusion.train"
+    args = _parser(prog).parse_args(argv)
+    try:
+        return _main(args, prog, quiet)
+    except TrainingInterrupted as stop:
+        print(f"{prog}: {stop.signame} at step {stop.step} of {stop.steps}: saved {os.fspath(stop.checkpoint)!r}; "
+              f"resume with: {prog} {' '.join(map(_quote, argv))}", file=sys.stderr)
+        return stop.exit_code
+    except ValueError as err:  # name the flags, not the config fields
+        text = _flag_names(str(err))
+        if text == str(err):
+            raise
+        raise type(err)(text) if type(err) in (ValueError, DamagedFileError) else ValueError(text) from err
+
+
+class UsageError(SystemExit):
+    """A command-line mistake: its message is printed as one line and the process exits with status 2
+    (``str(error)`` is the message)."""
+
+    def __init__(self, prog: str, message: str):
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def _flag_names(text: str) -> str:
+    """``TrainConfig.batch_size`` in a message becomes ``--batch-size`` (the flag the user typed)."""
+    import re
+
+    return re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), text)
+
+
+def _main(args: argparse.Namespace, prog: str, quiet: bool) -> int:
     from .data import load_dataset
     from .unet import build_unet, ladder_presets
 
     presets = [p for entry in (args.preset or []) for p in entry.split(",") if p]
     if args.family:
         presets += ladder_presets(args.family)
-    if not presets:
-        raise SystemExit("give --preset NAME (or several, or --family cpu)")
+    if not presets and not args.nested:
+        raise UsageError(prog, "give --preset NAME (or several, or --family cpu, or --nested nested-cpu)")
+    if presets and args.nested:
+        raise UsageError(prog, "give --preset/--family or --nested, not both")
+    if (args.distill_from or args.init_from) and len(presets) > 1:
+        raise UsageError(prog, "--distill-from and --init-from train one level; for a ladder use --distill")
     holdout = int(args.holdout) if args.holdout >= 1 else args.holdout
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, warmup=args.warmup,
@@ -1189,15 +1504,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         weight_decay=args.weight_decay, seed=args.seed, log_every=args.log_every,
         eval_every=args.eval_every or None, eval_size=args.eval_size, checkpoint_every=args.checkpoint_every or None,
         device=args.device, autocast=args.autocast, progress=args.progress, distill_from=args.distill_from,
-        distill_mix=args.distill_mix, schedule=args.schedule, T=args.T)
+        distill_mix=args.distill_mix, schedule=args.schedule, T=args.T, nested_target=args.nested_target,
+        rung_weight=args.rung_weight)
+    rank = _launch_rank()
+    lock = FolderLock(args.out, prog)
+    if rank == 0:  # before any work: an unwritable --out, or one another run writes into, fails now
+        check_writable_folder(args.out, "--out")
+        lock.acquire()
+    try:
+        return _run(args, presets, holdout, config, quiet, load_dataset, build_unet)
+    finally:
+        lock.release()
+
+
+def _run(args, presets, holdout, config, quiet, load_dataset, build_unet) -> int:
     dataset = load_dataset(args.data, args.image_size, channels=args.channels, limit=args.limit)
     images = _as_images(dataset, f"data {args.data!r}")
-    train, held = _split(images, holdout, args.seed)
+    train, held = _split(images, holdout, args.seed, f"data {args.data!r}")
     import torch.distributed as dist
 
     initialised_before = dist.is_available() and dist.is_initialized()
     try:
-        if len(presets) == 1:
+        if args.nested:
+            from .nested import build_nested
+
+            overrides = {"widths": [int(w) for w in args.widths.split(",")]} if args.widths else {}
+            model = build_nested(args.nested, in_channels=int(images.shape[1]), image_size=args.image_size,
+                                 seed=args.seed, **overrides)
+            result = train_level(model, train, held, config, args.out)
+        elif len(presets) == 1:
             model = build_unet(presets[0], in_channels=int(images.shape[1]), image_size=args.image_size,
                                seed=args.seed, channels_last=args.channels_last)
             if args.init_from:  # a resumed run continues from its checkpoint's weights instead
@@ -1207,11 +1542,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result = train_level(model, train, held, config, args.out)
             result["init_from"] = args.init_from
         else:
-            if args.distill_from or args.init_from:
-                raise SystemExit("--distill-from and --init-from train one level; for a ladder use --distill")
             result = train_ladder(presets, train, config, args.out, distill=args.distill, heldout=held,
                                   distill_target=args.distill_target, image_size=args.image_size)
-        if _rank() == 0:
+        if _rank() == 0 and not quiet:
             print(json.dumps(_plain(result), indent=1))
     finally:
         if not initialised_before and dist.is_available() and dist.is_initialized():
@@ -1220,4 +1553,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, TypeError, OSError, FolderLockedError) as _err:  # one line, status 2, as mlsde's
+        print(f"python -m multilevel_sde.diffusion.train: error: {_err}", file=sys.stderr)
+        sys.exit(2)

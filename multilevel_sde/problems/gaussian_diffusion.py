@@ -23,7 +23,11 @@ they differ from ``data_mean()``, ``data_covariance()`` by ``O(t_min)``. The dri
 its Jacobian reaches about ``2 / min_k v_k(t_min) - 1``, so EM needs ``dt`` well below ``min_k v_k(t_min)``.
 
 ``diffusion_ladder`` wraps the true reverse drift into a synthetic ladder of "denoisers" whose score
-errors are bounded sines of size ``eps_l`` (spec §2.1), with costs ``(c / eps_l)^gamma``.
+errors are bounded sines of size ``eps_l`` (spec §2.1), with costs ``(c / eps_l)^gamma``. Unlike a ladder of
+networks, every level carries the same exact (stiff, time-dependent) drift: with ``f^0 = 0`` the first
+difference ``Delta_1 = f^1`` holds all of it, and the other differences ``Delta_l = f^l - f^{l-1}`` are only
+the small, time-independent sines (size ~``2^-l``). Such a ladder demonstrates the theory (Theorem 1's rate
+against an exact law), not the behaviour of neural-network ladders, whose differences change with time.
 
     import torch
     import multilevel_sde as mlsde
@@ -301,6 +305,12 @@ def diffusion_ladder(problem: GaussianMixtureDiffusion, k: int, gamma: float, c:
     Level ``l`` uses the score ``grad log p_t + eps_l * scale * h_l(x)`` with
     ``h_l(x) = sin(W_l x + phi_l) / sqrt(d)`` (``||W_l||_2 = 1``, seeded; ``||h_l(x)|| <= 1`` for every
     ``x`` and ``h_l`` is 1-Lipschitz), i.e. a bounded, smooth, level-specific denoiser error.
+
+    What the level differences hold: ``Delta_1 = f^1`` (with ``f^0 = 0``) is the whole stiff reverse drift
+    ``x + 2 grad log p_t(x)`` plus the first sine, so ML-EM must evaluate it at every step (``p_1 = 1``, as
+    Theorem 1 gives here); ``Delta_l`` for ``l >= 2`` is ``weight * scale * (eps_l h_l - eps_{l-1} h_{l-1})``: a
+    time-independent sine of size ~``2^-l``, unrelated to the score. The costs are synthetic. Results on this
+    ladder test the theory, not the claim on neural-network ladders.
 
     Args:
         problem: a ``GaussianMixtureDiffusion``.
