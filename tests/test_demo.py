@@ -1,17 +1,21 @@
-"""``mlsde demo --quick``: every stage of the main job runs (training, EM, ML-EM, learning, T-Stitch, report).
+"""``mlsde demo``: the shipped ladder through every stage (quick), the table it prints, and ``--train``.
 
-It asserts that the stages work, not a speedup (three tiny networks trained for 150 steps).
+The quick demo asserts that the stages work, not a speedup (that is the full demo's job, measured in
+docs/experiments.md).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
 from multilevel_sde.cli import main
-from multilevel_sde.diffusion.demo import QUICK
+from multilevel_sde.diffusion.demo import QUICK, _ladder
+from multilevel_sde.diffusion.nested import NestedUNet
+from multilevel_sde.diffusion.pretrained import sha256_of
 
 
 @pytest.fixture(scope="module")
@@ -21,40 +25,65 @@ def quick_demo(tmp_path_factory):
     return out
 
 
-def test_quick_demo_runs_every_stage(quick_demo, capsys):
-    results = json.loads((quick_demo / "experiment" / "results.json").read_text())
+def test_quick_demo_runs_every_stage(quick_demo):
+    results = json.loads((quick_demo / "experiment-quick" / "results.json").read_text())
     cfg = QUICK.experiment
     families = {(p["sampler"], p["family"]) for p in results["points"]}
     for sampler in cfg.samplers:
         assert {(sampler, f) for f in ("em", "mlem", "tstitch")} <= families
         assert results["learned"][sampler]["sgd_steps"] == cfg.learn_steps
         assert math.isfinite(results["thresholds"][sampler]) and results["thresholds"][sampler] > 0
-    curves = {p["curve"] for p in results["points"]}
-    assert {"ML-EM inverse-cost 100", "ML-EM inverse-cost stratified 100", "ML-EM learned 100"} <= curves
-    assert len(results["networks"]) == len(QUICK.presets)
-    assert results["level_differences"]["rms"] and results["gamma"]["flops"]
-    report = (quick_demo / "experiment" / "report.md").read_text()
-    assert "Speedups over EM" in report and "ML-EM learned 100" in report
-    for name in ("error_flops_ddpm.png", "error_time_ddim.png", "samples_ddpm.png"):
-        assert (quick_demo / "experiment" / name).stat().st_size > 0
-    for level in range(len(QUICK.presets)):  # the cached checkpoints a second run reuses
-        assert (quick_demo / "ladder" / f"level_{level}" / "checkpoint.pt").exists()
+    names = [n["name"] for n in results["networks"]]
+    assert names == ["width 3", "width 6", "width 10", "width 16", "width 24"]
+    flops = [n["flops"] for n in results["networks"]]
+    assert flops == sorted(flops)
+    assert results["mlem_networks"] == names[:1] + names[2:3] + names[-1:]  # smallest, middle, largest
+    report = (quick_demo / "experiment-quick" / "report.md").read_text()
+    assert "Speedups over EM" in report
+    for name in ("error_flops_ddpm.png", "speedup_ddpm.png", "samples_labelled.png"):
+        assert (quick_demo / "experiment-quick" / name).stat().st_size > 0
+    panel = json.loads((quick_demo / "true-error-quick" / "true_error.json").read_text())
+    assert panel["fits"]["em"]["exponent"] > panel["fits"]["mlem"]["exponent"]
+    assert (quick_demo / "true-error-quick" / "true_error.png").stat().st_size > 0
 
 
-def test_experiment_command_on_the_demo_ladder(quick_demo, tmp_path, capsys):
-    out = tmp_path / "exp"
-    args = ["experiment", str(quick_demo / "ladder"), "--out", str(out), "--heldout", "4", "--select", "4",
-            "--batch", "4", "--samplers", "ddim", "--em-steps", "10,20", "--reference-steps", "20",
-            "--mlem-steps", "20", "--p-top", "0.5", "--strategies", "inverse-cost", "--no-stratified",
-            "--tstitch-fractions", "0.5", "--tstitch-steps", "20", "--no-progress"]
-    assert main(args) == 0
+def test_quick_demo_prints_numbers_not_nan_and_reruns_in_the_same_folder(quick_demo, capsys):
+    assert main(["demo", "--quick", "--out", str(quick_demo), "--no-progress"]) == 0  # cached points reused
     printed = capsys.readouterr().out
-    assert "ML-EM inverse-cost 20" in printed and "T-Stitch 20" in printed
+    assert "shipped digits16-nested" in printed and "True-error panel" in printed
+    assert re.search(r"reusing \d+ points measured by an earlier run", printed)
+    assert not re.search(r"\bnan\b|\binf\b", printed, re.IGNORECASE), printed
+    assert re.search(r"ML-EM inverse-cost 25 +\d", printed)
+    assert "† stratified coins" in printed
+
+
+def test_train_reproduces_a_ladder_with_its_record(tmp_path):
+    net, record = _ladder(QUICK, tmp_path, train=True, progress=False, log=lambda _: None)
+    assert isinstance(net, NestedUNet) and net.widths == (3, 6, 10)
+    folder = tmp_path / "ladder-quick"
+    assert (folder / "checkpoint.pt").exists()
+    assert record["sha256"] == sha256_of(folder / "ladder.safetensors")
+    assert record["command"].startswith("mlsde train --nested nested-cpu") and record["steps"] == 40
+    again, _ = _ladder(QUICK, tmp_path, train=True, progress=False, log=lambda _: None)  # finished: reused
+    assert all(a.equal(b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+
+    out = tmp_path / "exp"  # a nested checkpoint is a whole ladder for `mlsde experiment`
+    args = ["experiment", str(folder), "--out", str(out), "--heldout", "4", "--select", "4", "--batch", "4",
+            "--samplers", "ddim", "--em-steps", "10,20", "--reference-steps", "20", "--mlem-steps", "20",
+            "--p-top", "0.5", "--strategies", "inverse-cost", "--no-stratified", "--tstitch-fractions", "0.5",
+            "--tstitch-steps", "20", "--no-progress"]
+    assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["command"] == "mlsde " + " ".join(args)
-    assert len(results["points"]) == 3 * 2 + 1 + 1  # EM 3 networks x 2 steps, ML-EM 1, T-Stitch 1
+    assert len(results["points"]) == 3 * 2 + 1 + 1  # EM 3 widths x 2 steps, ML-EM 1, T-Stitch 1
 
 
 def test_experiment_command_rejects_a_missing_ladder(tmp_path, capsys):
     assert main(["experiment", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_demo_refuses_an_output_that_is_a_file_before_any_work(tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("keep me")
+    assert main(["demo", "--quick", "--out", str(target), "--no-progress"]) == 2
+    assert "--out" in capsys.readouterr().err and target.read_text() == "keep me"

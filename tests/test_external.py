@@ -363,3 +363,40 @@ def test_mlsde_sample_takes_a_diffusers_folder(tmp_path, diffusers, unet):
                  "--out", str(out)]) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     assert out.exists() and record["settings"]["schedule"] == "linear" and record["evaluations"] == [8]
+
+
+def test_mlsde_experiment_takes_diffusers_folders_as_a_ladder(tmp_path, diffusers, unet):
+    """Two diffusers models (the second a perturbed copy) as a two-level ladder, on their own schedule."""
+    import copy
+
+    from multilevel_sde.cli import main
+    from multilevel_sde.diffusion.train import load_ladder
+
+    scheduler = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    other = copy.deepcopy(unet)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    for name, model in (("small", unet), ("large", other)):
+        diffusers.DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(tmp_path / name)
+    models, names, shape = load_ladder([tmp_path / "small", tmp_path / "large"])
+    assert names == ["small", "large"] and shape == SHAPE
+    assert all(m.noise_schedule.kind == "cosine" for m in models)
+    out = tmp_path / "exp"
+    args = ["experiment", str(tmp_path / "small"), str(tmp_path / "large"), "--out", str(out), "--heldout", "2",
+            "--select", "2", "--batch", "2", "--samplers", "ddim", "--em-steps", "4", "--reference-steps", "8",
+            "--mlem-steps", "8", "--p-top", "0.5", "--strategies", "inverse-cost", "--no-stratified",
+            "--tstitch-fractions", "0.5", "--tstitch-steps", "8", "--no-progress"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [n["name"] for n in results["networks"]] == ["small", "large"]
+    assert any(p["family"] == "mlem" for p in results["points"])
+
+
+def test_the_shipped_pretrained_ladder_is_a_ladder_for_load_ladder():
+    from multilevel_sde.diffusion.pretrained import DEFAULT_LADDER, PRETRAINED_DIR
+    from multilevel_sde.diffusion.train import load_ladder, trained_schedule
+
+    models, names, shape = load_ladder(PRETRAINED_DIR / f"{DEFAULT_LADDER}.json")
+    assert len(models) == 5 and names[0] == "width 3" and shape == (1, 16, 16)
+    assert trained_schedule(models).kind == "cosine"

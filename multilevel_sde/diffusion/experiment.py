@@ -221,6 +221,7 @@ class Experiment:
         self.points: list = []
         self.grids: dict = {}
         self._cache = self._load_cache()
+        self.cached_points = len(self._cache)  # measured by an earlier run with the same key, reused
         self._bar = None
         self.expected_points = self._total()
 

@@ -541,16 +541,26 @@ def load_ladder(paths: Union[PathLike, Sequence[PathLike]], device=None) -> tupl
     Every model carries its ``noise_schedule`` (see :func:`load_level`); a ladder whose checkpoints were trained with
     different schedules is refused (``ValueError`` naming the files).
     """
+    from .external import is_diffusers_folder
+
     paths = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
-    if len(paths) == 1 and paths[0].is_dir() and not (paths[0] / CHECKPOINT_NAME).exists():
+    if (len(paths) == 1 and paths[0].is_dir() and not (paths[0] / CHECKPOINT_NAME).exists()
+            and not is_diffusers_folder(paths[0])):
         levels = sorted(paths[0].glob("level_*"), key=lambda p: int(p.name.split("_")[-1]) if
                         p.name.split("_")[-1].isdigit() else -1)
         if not levels:
             raise FileNotFoundError(f"{os.fspath(paths[0])!r} holds no checkpoint.pt and no level_* folders")
         paths = levels
-    files = [p / CHECKPOINT_NAME if p.is_dir() else p for p in paths]
     models, names, shapes = [], [], set()
-    for file in files:
+    for path in paths:
+        external = _external_levels(path, device)
+        if external is not None:  # a diffusers folder, or a shipped/exported pretrained ladder
+            levels, level_names, shape = external
+            models += levels
+            names += level_names
+            shapes.add(shape)
+            continue
+        file = path / CHECKPOINT_NAME if path.is_dir() else path
         ckpt = load_checkpoint(file)
         model = _level_from(ckpt, file, device=device)
         shape = (ckpt.get("data") or {}).get("shape")
@@ -571,6 +581,29 @@ def load_ladder(paths: Union[PathLike, Sequence[PathLike]], device=None) -> tupl
                          "give the image shape yourself")
     trained_schedule(models)  # refuses a ladder whose levels were trained with different schedules
     return models, names, shapes.pop()
+
+
+def _external_levels(path: Path, device) -> Optional[tuple[list, list, tuple]]:
+    """``(levels, names, image_shape)`` of a diffusers ``save_pretrained`` folder or of a pretrained ladder's
+    ``.json``/``.safetensors`` pair (``pretrained.load_pretrained``); None for anything else."""
+    from .external import is_diffusers_folder, load_diffusers_level
+
+    if path.is_dir() and is_diffusers_folder(path):
+        model = load_diffusers_level(path, device=device)
+        if model.image_shape is None:
+            raise ValueError(f"{os.fspath(path)!r}: the diffusers config gives no sample size; its image shape is "
+                             "unknown")
+        return [model], [path.name], tuple(int(s) for s in model.image_shape)
+    if path.suffix in (".json", ".safetensors") and path.is_file():
+        from .pretrained import load_pretrained
+
+        net, record = load_pretrained(path, device=device)
+        schedule = NoiseSchedule.named(record["schedule"], int(record["T"]))
+        levels = net.levels()
+        for level in levels:
+            level.noise_schedule, level.checkpoint_path = schedule, os.fspath(path)
+        return levels, [f"width {w}" for w in net.widths], tuple(int(s) for s in record["image_shape"])
+    return None
 
 
 def _write_logs(out_dir: Path, rows: list, meta: dict) -> None:
