@@ -5,7 +5,8 @@
 #
 #   CELEBA=/path/to/img_align_celeba_parent bash benchmarks/celeba16_cpu.sh     # about 1.5 h on 2 cores
 #   (plus the distillation levers, steps 3-11: ~2.6 h of training and eleven ~20-min experiments; DISTILLED=0 skips
-#   them)
+#   them; step 12, the nested ladder: ~1 h of training and two experiments side by side; NESTED=1 runs it even
+#   with DISTILLED=0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -160,4 +161,26 @@ if [ "${DISTILLED:-1}" = 1 ]; then
   selected_experiment "$WORK/celeba16-select12k" ddpm-selected-12k-s \
     "CelebA 16x16, cpu-s distilled, cpu-m initialised from cpu-xl's weights and distilled for 12000 steps, DDPM (CPU)" \
     "$WORK/celeba16-distill/level_1"
+fi
+
+# 12. a ladder built for ML-EM (NESTED=1, or with the levers above): one NestedUNet (nested-cpu: widths 3, 6, 10,
+#     16, 24 of one set of weights, 0.7-12.9 MFLOPs), every width trained at each step -- the top on the eps loss,
+#     the others regressing the top's eps -- for 4000 steps (a smaller budget than steps 8-10's ladder), then
+#     the experiment of step 10 with ML-EM over all five widths and over three (3, 10, 24), side by side
+if [ "${DISTILLED:-1}" = 1 ] || [ "${NESTED:-0}" = 1 ]; then
+  OMP_NUM_THREADS=${THREADS:-1} "$PY" -m multilevel_sde.cli train --nested nested-cpu --data "celeba:$CELEBA" \
+    --image-size 16 --steps 4000 --batch-size 64 --lr 5e-4 --warmup 100 --eval-every 1000 --checkpoint-every 500 \
+    --out "$WORK/celeba16-nested" --no-progress > "$WORK/celeba16-nested.json"
+  cp "$WORK/celeba16-nested/log.json" "$OUT/nested-train-log.json"
+  nested_experiment() {  # nested_experiment NAME NETWORKS TITLE
+    OMP_NUM_THREADS=1 "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-nested" --out "$OUT/$1" \
+      --samplers ddpm --mlem-networks "$2" --title "$3" "${ARGS[@]}" --mlem-steps 50,25,10 \
+      --stratified inverse-cost,theory,learned --tstitch-steps 50,25 > "$OUT/$1.log" 2>&1
+    echo "done: $OUT/$1/report.md"
+  }
+  nested_experiment ddpm-nested 0,1,2,3,4 \
+    "CelebA 16x16, one nested UNet trained jointly for 4000 steps, ML-EM on all five widths, DDPM (CPU)" &
+  nested_experiment ddpm-nested-3 0,2,4 \
+    "CelebA 16x16, one nested UNet trained jointly for 4000 steps, ML-EM on widths 3, 10, 24, DDPM (CPU)" &
+  wait
 fi
