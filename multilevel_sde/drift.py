@@ -466,7 +466,9 @@ class MultilevelDrift(nn.Module):
         fast = self._fast  # the steady state of a solve: the same plan, batch size and kind of time as last step
         if (fast is not None and y.__class__ is torch.Tensor and y.dim() != 0 and y.shape[0] == fast.batch
                 and (fast.dt is None or fast.dt == dt)
-                and ((t.__class__ is torch.Tensor and t.dim() == 0) or (t.__class__ is float and t - t == 0.0))
+                and ((t.__class__ is torch.Tensor and t.dim() == 0  # a NaN/inf host time falls through and is refused
+                      and (t.device.type != "cpu" or math.isfinite(t.item())))
+                     or (t.__class__ is float and t - t == 0.0))
                 and (fast.schedule_fixed or fast.token == fast.schedule.cache_token())):
             return self._sample_fast(t, y, fast) if fast.__class__ is _FastBatch else self._sample_fast_rows(t, y, fast)
         if y.__class__ is not torch.Tensor or y.dim() < 1 or y.shape[0] == 0:

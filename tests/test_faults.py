@@ -71,6 +71,10 @@ def test_loaded_levels_carry_their_training_schedule(runs):
     assert trained_schedule([model]).T == 100
     with pytest.raises(ValueError, match=r"mixes noise schedules.*lin.*linear \(T=100\).*cos.*cosine \(T=1000\)"):
         load_ladder([runs / "lin", runs / "cos"])
+    from multilevel_sde.diffusion.sample import sample
+
+    result = sample(model, (1, 8, 8), batch=2, steps=5, seed=0, progress=False)  # Python: no schedule given
+    assert result.settings["schedule"] == "linear"
 
 
 def test_mlsde_sample_uses_the_training_schedule_and_refuses_another(runs, tmp_path, capsys):
@@ -528,6 +532,9 @@ def test_solver_argument_errors_name_the_argument():
     drift.sample(0.5, y, 0.1), drift.sample(0.5, y, 0.1)  # the steady (fast) path refuses them too
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="t must be a finite number"):
+            drift.sample(bad, y, 0.1)
+    for bad in (torch.tensor(float("nan")), torch.tensor(float("-inf"))):  # 0-d tensors too, on the steady path
+        with pytest.raises(ValueError, match="t must be finite"):
             drift.sample(bad, y, 0.1)
 
 

@@ -50,12 +50,15 @@ def _is_adapter(model) -> bool:
 
 
 def declared_schedule(models) -> Optional[NoiseSchedule]:
-    """The noise schedule the models declare (an adapter's ``noise_schedule``), None when none declares one.
+    """The noise schedule the models declare -- an adapter's ``noise_schedule``, or the one ``load_level`` /
+    ``load_ladder`` record from a checkpoint (a nested width: its network's) --, None when none declares one.
 
     Raises ValueError when two models declare different schedules: such a ladder cannot share one sampler."""
     found = None
     for i, model in enumerate(models):
-        own = getattr(model, "noise_schedule", None) if _is_adapter(model) else None
+        own = getattr(model, "noise_schedule", None)
+        if own is None and isinstance(getattr(model, "nested", None), nn.Module):
+            own = getattr(model.nested, "noise_schedule", None)
         if own is None:
             continue
         if found is not None and not same_schedule(found[1], own):
