@@ -172,15 +172,16 @@ if [ "${DISTILLED:-1}" = 1 ] || [ "${NESTED:-0}" = 1 ]; then
     --image-size 16 --steps 4000 --batch-size 64 --lr 5e-4 --warmup 100 --eval-every 1000 --checkpoint-every 500 \
     --out "$WORK/celeba16-nested" --no-progress > "$WORK/celeba16-nested.json"
   cp "$WORK/celeba16-nested/log.json" "$OUT/nested-train-log.json"
-  nested_experiment() {  # nested_experiment NAME NETWORKS TITLE
+  nested_experiment() {  # nested_experiment NAME NETWORKS TITLE [EXPERIMENT ARGS...]
     OMP_NUM_THREADS=1 "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-nested" --out "$OUT/$1" \
       --samplers ddpm --mlem-networks "$2" --title "$3" "${ARGS[@]}" --mlem-steps 50,25,10 \
-      --stratified inverse-cost,theory,learned --tstitch-steps 50,25 > "$OUT/$1.log" 2>&1
+      --stratified inverse-cost,theory,learned --tstitch-steps 50,25 "${@:4}" > "$OUT/$1.log" 2>&1
     echo "done: $OUT/$1/report.md"
   }
   nested_experiment ddpm-nested 0,1,2,3,4 \
     "CelebA 16x16, one nested UNet trained jointly for 4000 steps, ML-EM on all five widths, DDPM (CPU)" &
   nested_experiment ddpm-nested-3 0,2,4 \
-    "CelebA 16x16, one nested UNet trained jointly for 4000 steps, ML-EM on widths 3, 10, 24, DDPM (CPU)" &
+    "CelebA 16x16, one nested UNet trained jointly for 4000 steps, ML-EM on widths 3, 10, 24, DDPM (CPU)" \
+    --comonotone inverse-cost,theory &  # (the comonotone points were added by a second run on the cached points)
   wait
 fi

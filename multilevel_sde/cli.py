@@ -90,6 +90,7 @@ def _experiment_config(args: argparse.Namespace):
         mlem_networks=_ints(args.mlem_networks, "--mlem-networks") if args.mlem_networks else None,
         mlem_steps=_ints(args.mlem_steps, "--mlem-steps"), p_top=_floats(args.p_top, "--p-top"),
         strategies=tuple(args.strategies.split(",")), stratified=tuple(filter(None, args.stratified.split(","))),
+        comonotone=tuple(filter(None, args.comonotone.split(","))),
         coupling=args.coupling, learn_steps=args.learn_steps, learn_batch=args.learn_batch,
         learn_grid=args.learn_grid, deltas=_floats(args.deltas, "--deltas"),
         tstitch_fractions=_floats(args.tstitch_fractions, "--tstitch-fractions"),
@@ -358,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated strategies also run with stratified coins (default: %(default)s)")
     exp.add_argument("--no-stratified", dest="stratified", action="store_const", const="",
                      help="run no strategy with stratified coins")
+    exp.add_argument("--comonotone", default=",".join(d.comonotone),
+                     help="comma-separated strategies also run with comonotone coins (one uniform per step shared by "
+                          "the levels; unbiased)")
     exp.add_argument("--coupling", choices=["sample", "batch"], default=d.coupling,
                      help="ML-EM coins drawn per sample, or shared by a batch (the paper's GPU batching)")
     exp.add_argument("--learn-steps", type=int, default=d.learn_steps, help="SGD steps of the learned strategy")

@@ -166,6 +166,21 @@ def test_run_writes_every_point_and_reuses_them(ladder, tmp_path, monkeypatch):
     assert main(["rescore", str(tmp_path / "nowhere")]) == 2
 
 
+def test_strategies_can_also_run_with_comonotone_coins(ladder, tmp_path):
+    from dataclasses import replace
+
+    config = replace(TINY, comonotone=("inverse-cost",), stratified=(), p_top=(0.3,))
+    ex = Experiment(ladder, SHAPE, config, tmp_path, progress=False)
+    ex.fixed("ddpm", ex.reference("ddpm", config.heldout, config.seed), None)
+    by_curve = {p["curve"]: p for p in ex.points}
+    assert set(by_curve) == {"ML-EM inverse-cost 20", "ML-EM inverse-cost comonotone 20"}
+    assert by_curve["ML-EM inverse-cost comonotone 20"]["coins"] == "comonotone"
+    same = ("probabilities", "steps", "networks", "param")  # the same strategy, only the coins differ
+    assert all(by_curve["ML-EM inverse-cost comonotone 20"][k] == by_curve["ML-EM inverse-cost 20"][k] for k in same)
+    with pytest.raises(ValueError, match="comonotone"):
+        ExperimentConfig(comonotone=("magic",)).validate()
+
+
 def test_every_strategy_can_also_run_with_stratified_coins(ladder, tmp_path):
     from dataclasses import replace
 

@@ -55,7 +55,8 @@ FULL = DemoPlan(
                                 em_steps=(10, 25, 50, 100, 250), reference_steps=250,
                                 mlem_steps=(100, 50, 25), p_top=(0.3, 0.1, 0.03),
                                 strategies=("inverse-cost", "theory", "learned"),
-                                stratified=("inverse-cost", "theory"), coupling="batch",
+                                stratified=("inverse-cost", "theory"), comonotone=("inverse-cost", "theory"),
+                                coupling="batch",
                                 learn_steps=4, learn_batch=16, learn_grid=50, deltas=(-1.0, 0.0, 1.0),
                                 tstitch_fractions=(0.3, 0.6), tstitch_steps=(100,)),
 )

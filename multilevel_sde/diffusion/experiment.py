@@ -71,6 +71,8 @@ class ExperimentConfig:
         strategies: any of "inverse-cost", "theory", "learned".
         stratified: the strategies also run with stratified coins (``StratifiedCoins``, the same probabilities;
             a learned schedule is fitted with independent coins and only evaluated with stratified ones).
+        comonotone: the strategies also run with comonotone coins (``ComonotoneCoins``: one uniform per step
+            shared by the levels; unbiased like independent coins), evaluated like ``stratified``.
         coupling: ML-EM coins per sample ("sample": the measured MSE is the mean over coin draws) or shared by
             a batch ("batch", the paper's GPU batching).
         learn_steps, learn_batch, learn_grid, deltas: the learned strategy: SGD steps, paths per step, the
@@ -94,6 +96,7 @@ class ExperimentConfig:
     p_top: tuple = (0.5, 0.25, 0.1, 0.05, 0.02)
     strategies: tuple = ("inverse-cost", "theory", "learned")
     stratified: tuple = ("inverse-cost",)
+    comonotone: tuple = ()
     coupling: str = "sample"
     learn_steps: int = 20
     learn_batch: int = 32
@@ -121,7 +124,7 @@ class ExperimentConfig:
             raise ValueError(f"samplers must be a non-empty subset of ('ddpm', 'ddim'), got {self.samplers!r}")
         if isinstance(self.stratified, bool):  # the older flag: inverse cost with stratified coins, or nothing
             self.stratified = ("inverse-cost",) if self.stratified else ()
-        for name in ("strategies", "stratified"):
+        for name in ("strategies", "stratified", "comonotone"):
             if isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a tuple of strategy names, got the string {getattr(self, name)!r}")
             bad = set(getattr(self, name)) - set(STRATEGIES)
@@ -401,9 +404,10 @@ class Experiment:
         return info
 
     def _coin_schemes(self, strategy: str) -> list:
-        """``(curve-name suffix, coins)`` pairs a strategy runs with: independent coins, and stratified ones when
-        the config asks for them."""
-        return [("", "independent")] + ([(" stratified", "stratified")] if strategy in self.config.stratified else [])
+        """``(curve-name suffix, coins)`` pairs a strategy runs with: independent coins, and stratified or
+        comonotone ones when the config asks for them."""
+        return ([("", "independent")] + ([(" stratified", "stratified")] if strategy in self.config.stratified else [])
+                + ([(" comonotone", "comonotone")] if strategy in self.config.comonotone else []))
 
     def fit(self, sampler: str) -> dict:
         """Fits a ``Sigmoid`` schedule on the selection set, from inverse cost at the median ``p_top``, with the
