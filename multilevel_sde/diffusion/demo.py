@@ -102,9 +102,8 @@ def run_demo(out=None, quick: bool = False, train: bool = False, plan: Optional[
              progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Runs the true-error panel and the experiment on the ladder (module docstring); returns the experiment's
     results with ``true_error`` added."""
-    from ..true_error import format_true_error, run_true_error_panel
-
     from ..files import check_writable_folder
+    from ..true_error import format_true_error, run_true_error_panel
 
     plan = plan or (QUICK if quick else FULL)
     out = check_writable_folder(out if out is not None else plan.folder, "--out")  # before any work
@@ -130,6 +129,8 @@ def run_demo(out=None, quick: bool = False, train: bool = False, plan: Optional[
     grid = save_labelled_grid(experiment, folder / "samples_labelled.png")
     if grid is not None:
         results["figures"].append(grid.name)
+    elif (folder / "samples_labelled.png").exists():  # every point came from the cache: the earlier grid stands
+        grid = folder / "samples_labelled.png"
     results["true_error"] = panel
     log(format_speedups(results))
     log(f"report: {folder / 'report.md'}; labelled samples: {grid}; true-error panel: "
@@ -146,6 +147,7 @@ def save_labelled_grid(experiment: Experiment, path: Path, sampler: str = "ddpm"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..files import atomic_write
     from .data import image_grid
     from .frontier import best_curve
 
@@ -153,7 +155,7 @@ def save_labelled_grid(experiment: Experiment, path: Path, sampler: str = "ddpm"
     rows = [(f"EM {name}, {cfg.reference_steps} steps", (sampler, f"EM {name} {cfg.reference_steps}"))
             for name in experiment.names[:-1]]
     rows.append((f"reference: EM {experiment.names[-1]} (top), {cfg.reference_steps} steps", (sampler, "reference")))
-    summary = experiment_summary(experiment)
+    summary = _summary(experiment)
     best = best_curve(summary, sampler, family="mlem") if sampler in summary else None
     mlem = [p for p in experiment.points if p["sampler"] == sampler and p["family"] == "mlem"
             and (best is None or p["curve"] == best)]
@@ -174,12 +176,12 @@ def save_labelled_grid(experiment: Experiment, path: Path, sampler: str = "ddpm"
         ax.text(-0.02, 0.5, label, transform=ax.transAxes, ha="right", va="center", fontsize=8)
         ax.axis("off")
     fig.subplots_adjust(left=4.4 / (4.5 + 0.75 * n), right=0.99, top=0.98, bottom=0.02, hspace=0.15)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
     return path
 
 
-def experiment_summary(experiment: Experiment) -> dict:
+def _summary(experiment: Experiment) -> dict:
     from .frontier import summarise
 
     thresholds = {s: experiment.threshold(s) for s in experiment.config.samplers}
