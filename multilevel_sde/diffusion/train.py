@@ -1105,18 +1105,15 @@ def _train_level(model: nn.Module, train_data, heldout_data, config: TrainConfig
             with _autocast(device, config.autocast):
                 if nested:  # every width on the same batch; the smaller ones regress the larger (nested.py)
                     outputs = net(x_t, t, width="all")
-                    pred = target = outputs[-1]
+                    pred = outputs[-1]
                 else:
                     pred = _forward(net, x_t, t)
-                if nested:
-                    pass
-                elif teacher is not None:
-                    with torch.no_grad():
-                        target = _forward(teacher, x_t, t).float()
-                    if config.distill_mix < 1:
-                        target = config.distill_mix * target + (1 - config.distill_mix) * noise
-                else:
                     target = noise
+                    if teacher is not None:
+                        with torch.no_grad():
+                            target = _forward(teacher, x_t, t).float()
+                        if config.distill_mix < 1:
+                            target = config.distill_mix * target + (1 - config.distill_mix) * noise
             pred = pred.float()
             if pred.shape != noise.shape:
                 raise ValueError(f"the model returned shape {tuple(pred.shape)} for inputs of shape "
