@@ -30,6 +30,10 @@ def test_the_shipped_ladder_is_recorded_and_small(shipped):
     assert record["sha256"] == sha256_of(weights)
     assert record["command"].startswith("mlsde train --nested") and record["data"]["name"]
     assert record["schedule"] == "cosine" and record["T"] == 1000 and record["image_shape"] == [1, 16, 16]
+    from multilevel_sde.diffusion.levels import declared_schedule
+
+    schedule = declared_schedule(net.levels())  # every width carries the schedule it was trained with
+    assert (schedule.kind, schedule.T) == (record["schedule"], record["T"])
     assert len(record["heldout_eps_mse"]) == len(net.widths) >= 4
     flops = [unet_flops(level, 16, 1) for level in net.levels()]
     assert all(1.5 < b / a < 4 for a, b in zip(flops, flops[1:]))

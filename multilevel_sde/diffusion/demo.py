@@ -113,14 +113,9 @@ def run_demo(out=None, quick: bool = False, train: bool = False, plan: Optional[
     log(format_true_error(panel))
     folder = out / f"experiment{plan.suffix}"
     log(f"[2/2] experiment on the image ladder -> {folder}")
-    config = plan.experiment
-    if config.schedule != record["schedule"]:  # sample with the schedule the ladder was trained with
-        from dataclasses import replace
-
-        config = replace(config, schedule=record["schedule"])
-    levels = net.levels()
-    names = [f"width {w}" for w in net.widths]
-    experiment = Experiment(levels, record["image_shape"], config, folder, names=names, progress=progress)
+    names = [f"width {w}" for w in net.widths]  # (the experiment samples with the schedule the ladder records)
+    experiment = Experiment(net.levels(), record["image_shape"], plan.experiment, folder, names=names,
+                            progress=progress)
     if experiment.cached_points:
         log(f"reusing {experiment.cached_points} points measured by an earlier run with the same settings and "
             f"weights ({folder / 'points.jsonl'}); delete the folder to measure them again")

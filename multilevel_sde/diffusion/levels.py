@@ -51,22 +51,24 @@ def _is_adapter(model) -> bool:
 
 def declared_schedule(models) -> Optional[NoiseSchedule]:
     """The noise schedule the models declare -- an adapter's ``noise_schedule``, or the one ``load_level`` /
-    ``load_ladder`` record from a checkpoint (a nested width: its network's) --, None when none declares one.
+    ``load_pretrained`` record from a checkpoint (a nested width reads its network's) --, None when none declares
+    one.
 
-    Raises ValueError when two models declare different schedules: such a ladder cannot share one sampler."""
+    Raises ValueError naming the models (their checkpoint files when known) when two declare different schedules:
+    such a ladder cannot share one sampler."""
     found = None
     for i, model in enumerate(models):
-        own = getattr(model, "noise_schedule", None)
-        if own is None and isinstance(getattr(model, "nested", None), nn.Module):
-            own = getattr(model.nested, "noise_schedule", None)
+        own = getattr(model, "noise_schedule", None)  # (a NestedLevel reads its network's)
         if own is None:
             continue
-        if found is not None and not same_schedule(found[1], own):
-            raise ValueError(f"the ladder mixes noise schedules: network {found[0]} ({_name(models[found[0]])}) was "
-                             f"trained on {found[1].kind} (T={found[1].T}) and network {i} ({_name(model)}) on "
-                             f"{own.kind} (T={own.T}); one sampler cannot serve both")
-        found = found or (i, own)
-    return None if found is None else found[1]
+        path = getattr(model, "checkpoint_path", None)
+        source = repr(path) if path else f"network {i} ({_name(model)})"
+        if found is not None and not same_schedule(found[0], own):
+            raise ValueError(f"the ladder mixes noise schedules: {found[1]} was trained with {found[0].kind} "
+                             f"(T={found[0].T}) and {source} with {own.kind} (T={own.T}); one sampler cannot serve "
+                             "both: use levels trained with the same --schedule and --T")
+        found = found or (own, source)
+    return None if found is None else found[0]
 
 
 def per_level_predictions(prediction, count: int) -> list:

@@ -200,6 +200,16 @@ class NestedLevel(nn.Module):
     def base_channels(self) -> int:
         return self.nested.widths[self.index]
 
+    @property
+    def noise_schedule(self):
+        """The schedule its network was trained with (set by ``load_level`` / ``load_pretrained``), or None."""
+        return getattr(self.nested, "noise_schedule", None)
+
+    @property
+    def checkpoint_path(self) -> Optional[str]:
+        """The file its network was loaded from, or None."""
+        return getattr(self.nested, "checkpoint_path", None)
+
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         return self.nested(x, t, self.index)
 

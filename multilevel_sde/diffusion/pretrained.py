@@ -12,7 +12,7 @@ different model) and returns the network in eval mode with its record::
 
     net, record = load_pretrained("digits16-nested")
     levels = net.levels()                 # the ladder, cheapest first
-    record["schedule"], record["T"]       # sample with the schedule it was trained on
+    net.noise_schedule                    # its training schedule (record["schedule"], record["T"]): samplers adopt it
 
 :func:`export_pretrained` writes the pair from a training checkpoint (``mlsde demo --train`` does).
 """
@@ -27,6 +27,7 @@ from typing import Optional, Union
 
 
 from .nested import NestedUNet
+from .schedule import NoiseSchedule
 
 __all__ = ["PRETRAINED_DIR", "DEFAULT_LADDER", "available", "load_pretrained", "export_pretrained", "sha256_of"]
 
@@ -84,6 +85,9 @@ def load_pretrained(name: PathLike = DEFAULT_LADDER, device=None) -> tuple[Neste
     net = NestedUNet.from_config(record["model_config"])
     net.load_state_dict(load_file(os.fspath(weights)))
     net.eval()
+    # how it was trained travels with it, as for load_level: samplers adopt this schedule (declared_schedule)
+    net.noise_schedule = NoiseSchedule.named(record["schedule"], int(record["T"]))
+    net.checkpoint_path = os.fspath(weights)
     if device is not None:
         net.to(device)
     return net, record

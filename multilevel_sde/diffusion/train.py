@@ -93,7 +93,7 @@ from torch.nn import functional as F
 
 from .._random import check_seed, derive_seed, make_generator
 from ..files import DamagedFileError, FolderLock, FolderLockedError, atomic_write, check_writable_folder, clean_stale_temporaries
-from .levels import _unwrap
+from .levels import _unwrap, declared_schedule
 from .nested import NestedUNet, nested_loss
 from .schedule import NoiseSchedule
 
@@ -502,33 +502,10 @@ def checkpoint_schedule(ckpt: dict) -> Optional[NoiseSchedule]:
     return NoiseSchedule.named(config["schedule"], int(config.get("T") or 1000))
 
 
-def _schedule_and_source(model, index: int) -> tuple:
-    owner = model
-    own = getattr(model, "noise_schedule", None)
-    nested = getattr(model, "nested", None)
-    if own is None and isinstance(nested, nn.Module):  # a NestedLevel view: its network's
-        owner, own = nested, getattr(nested, "noise_schedule", None)
-    source = getattr(model, "checkpoint_path", None) or getattr(owner, "checkpoint_path", None)
-    return own, (repr(source) if source else f"network {index} ({type(model).__name__})")
-
-
-def trained_schedule(models: Sequence) -> Optional[NoiseSchedule]:
-    """The noise schedule the networks were trained with (``load_level`` records it as ``model.noise_schedule``,
-    from the checkpoint's ``train_config``), None when none records one. A ``ValueError`` naming the checkpoint
-    files when they were trained with different schedules: one sampler cannot serve them."""
-    from .schedule import same_schedule
-
-    found = None
-    for i, model in enumerate(models):
-        own, source = _schedule_and_source(model, i)
-        if own is None:
-            continue
-        if found is not None and not same_schedule(found[0], own):
-            raise ValueError(f"the ladder mixes noise schedules: {found[1]} was trained with {found[0].kind} "
-                             f"(T={found[0].T}) and {source} with {own.kind} (T={own.T}); one sampler cannot serve "
-                             "both: use levels trained with the same --schedule and --T")
-        found = found or (own, source)
-    return None if found is None else found[0]
+#: The noise schedule the networks were trained with (``load_level`` records it as ``model.noise_schedule``, from
+#: the checkpoint's ``train_config``), None when none records one; a ``ValueError`` naming the checkpoint files when
+#: they were trained with different schedules. One lookup for every sampler: ``levels.declared_schedule``.
+trained_schedule = declared_schedule
 
 
 def load_ladder(paths: Union[PathLike, Sequence[PathLike]], device=None) -> tuple[list, list, tuple]:
@@ -566,11 +543,8 @@ def load_ladder(paths: Union[PathLike, Sequence[PathLike]], device=None) -> tupl
         shape = (ckpt.get("data") or {}).get("shape")
         if shape:
             shapes.add(tuple(int(s) for s in shape[1:]))
-        if isinstance(model, NestedUNet):
-            views = model.levels()
-            for view in views:  # each width carries its network's schedule and file
-                view.noise_schedule, view.checkpoint_path = model.noise_schedule, model.checkpoint_path
-            models += views
+        if isinstance(model, NestedUNet):  # its widths, which read its schedule and file (declared_schedule)
+            models += model.levels()
             names += [f"width {w}" for w in model.widths]
             continue
         models.append(model)
@@ -598,11 +572,7 @@ def _external_levels(path: Path, device) -> Optional[tuple[list, list, tuple]]:
         from .pretrained import load_pretrained
 
         net, record = load_pretrained(path, device=device)
-        schedule = NoiseSchedule.named(record["schedule"], int(record["T"]))
-        levels = net.levels()
-        for level in levels:
-            level.noise_schedule, level.checkpoint_path = schedule, os.fspath(path)
-        return levels, [f"width {w}" for w in net.widths], tuple(int(s) for s in record["image_shape"])
+        return net.levels(), [f"width {w}" for w in net.widths], tuple(int(s) for s in record["image_shape"])
     return None
 
 
