@@ -92,7 +92,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._random import check_seed, derive_seed, make_generator
-from ..files import DamagedFileError, FolderLock, FolderLockedError, atomic_write, check_writable_folder, clean_stale_temporaries
+from ..files import (DamagedFileError, FolderLock, FolderLockedError, atomic_write, atomic_write_json,
+                     check_writable_folder, clean_stale_temporaries)
 from .levels import _unwrap, declared_schedule
 from .nested import NestedUNet, nested_loss
 from .schedule import NoiseSchedule
@@ -330,7 +331,6 @@ def check_architecture(model: nn.Module, checkpoint: dict, path: PathLike = "che
 
 
 # ------------------------------------------------------------------------------------------------ files
-_atomic_write = atomic_write  # the writer of every file here (multilevel_sde.files; the old private name kept)
 
 
 def save_checkpoint(path: PathLike, model: nn.Module, ema: Optional[nn.Module] = None,
@@ -363,7 +363,7 @@ def save_checkpoint(path: PathLike, model: nn.Module, ema: Optional[nn.Module] =
     for key, value in (extra or {}).items():
         state[key] = value if isinstance(value, torch.Tensor) else _plain_or_tensors(value)
     state[CHECKSUM_KEY] = {"algorithm": "sha256", "value": checkpoint_checksum(state)}
-    return _atomic_write(path, lambda fh: torch.save(state, fh))
+    return atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 def _digest(value, h, where: str = "") -> None:
@@ -585,8 +585,8 @@ def _write_logs(out_dir: Path, rows: list, meta: dict) -> None:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in _LOG_COLUMNS})
         fh.write(text.getvalue().encode())
 
-    _atomic_write(out_dir / "log.csv", csv_bytes)
-    _atomic_write(out_dir / "log.json", lambda fh: fh.write(json.dumps({**meta, "rows": rows}, indent=1).encode()))
+    atomic_write(out_dir / "log.csv", csv_bytes)
+    atomic_write_json(out_dir / "log.json", {**meta, "rows": rows}, indent=1)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -1168,7 +1168,7 @@ def _train_level(model: nn.Module, train_data, heldout_data, config: TrainConfig
     summary = _summary_from(rows, seconds=seconds_before + seconds_run, eval_seconds=eval_seconds,
                             seconds_this_run=seconds_run, skipped=False, ranks_in_sync=in_sync, **base_summary)
     if rank == 0:
-        _atomic_write(out_dir / "summary.json", lambda fh: fh.write(json.dumps(_plain(summary), indent=1).encode()))
+        atomic_write_json(out_dir / "summary.json", _plain(summary), indent=1)
     if stop.signum is not None:  # the signal came during the last step: the run is complete, but stop here
         raise TrainingInterrupted(stop.signum, step, config.steps, ckpt_path)
     return summary
@@ -1346,7 +1346,7 @@ def train_ladder(models: Sequence, data, config: Optional[TrainConfig] = None, o
         if rank == 0:
             body = {"distill": distill, "distill_target": distill_target if distill else None,
                     "train_config": config.to_dict(), "levels": summaries, "differences": diffs}
-            _atomic_write(out_dir / "ladder.json", lambda fh: fh.write(json.dumps(_plain(body), indent=1).encode()))
+            atomic_write_json(out_dir / "ladder.json", _plain(body), indent=1)
     return summaries
 
 
