@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--p-top", default=",".join(map(str, d.p_top)),
                      help="comma-separated sweep of the fixed strategies, by the top network's probability")
     exp.add_argument("--strategies", default=",".join(d.strategies),
-                     help="comma-separated ML-EM strategies: any of inverse-cost, theory, learned")
+                     help="comma-separated ML-EM strategies: any of inverse-cost, theory, learned, adaptive (the variance-optimal rule from a pilot)")
     exp.add_argument("--stratified", default=",".join(d.stratified),
                      help="comma-separated strategies also run with stratified coins (default: %(default)s)")
     exp.add_argument("--no-stratified", dest="stratified", action="store_const", const="",

@@ -335,28 +335,43 @@ class Adaptive(Schedule):
     def forward(self, t: TimeLike, dt: float, costs: torch.Tensor) -> torch.Tensor:
         return torch.clamp(self.rates(t, costs) * abs(float(dt)), min=self.floor, max=1.0)
 
-    def predicted_variance(self, dt: float, costs: torch.Tensor) -> float:
-        """``sum_n dt^2 sum_l (1/p_l - 1) V_l(t_n)`` over ``dt``-steps spanning the pilot's times (first order)."""
-        p, V = self._grid(dt, costs)
-        return float((dt**2 * (1 / p - 1) * V).sum())
+    def predicted_variance(self, dt: Optional[float], costs: torch.Tensor, grid=None) -> float:
+        """``sum_n h_n^2 sum_l (1/p_l - 1) V_l(t_n)`` (first order) over ``dt``-steps spanning the pilot's times,
+        or over the steps of ``grid`` (step times, non-uniform allowed; ``dt`` is then ignored)."""
+        p, h, V = self._steps(dt, costs, grid)
+        return float((h**2 * (1 / p - 1) * V).sum())
 
-    def predicted_cost(self, dt: float, costs: torch.Tensor) -> float:
+    def predicted_cost(self, dt: Optional[float], costs: torch.Tensor, grid=None) -> float:
         """The paper's accounting ``sum_n sum_l p_l C_l`` per path over the same steps."""
-        p, _ = self._grid(dt, costs)
-        return float((p * costs.to(torch.float64).reshape(-1, 1)).sum())
+        p, _, _ = self._steps(dt, costs, grid)
+        return float((p * torch.as_tensor(costs, dtype=torch.float64).reshape(-1, 1)).sum())
 
-    def _grid(self, dt: float, costs: torch.Tensor):
-        span = float(self.times[-1] - self.times[0]) + self._step
-        steps = torch.arange(max(1, round(span / dt)), dtype=torch.float64) * dt + self.times[0]
-        return self.forward(steps, dt, costs), self._at(steps)
+    def _steps(self, dt: Optional[float], costs: torch.Tensor, grid=None):
+        """``(p (k, n), h (n,), V (k, n))`` on each step ``n``: its probabilities, length and pilot variances."""
+        if grid is None:
+            if dt is None:
+                raise ValueError("give dt or grid")
+            span = float(self.times[-1] - self.times[0]) + self._step
+            h = torch.full((max(1, round(span / abs(dt))),), abs(float(dt)), dtype=torch.float64)
+            starts = self.times[0] + torch.arange(h.numel(), dtype=torch.float64) * h
+        else:
+            times = _as_float_vector("grid", grid)
+            if times.numel() < 2 or not (times[1:] > times[:-1]).all():
+                raise ValueError(f"grid must hold at least two strictly increasing times, got {times.tolist()}")
+            starts, h = times[:-1], times[1:] - times[:-1]
+        costs = torch.as_tensor(costs, dtype=torch.float64)
+        p = torch.clamp(self.rates(starts, costs) * h, min=self.floor, max=1.0)
+        return p, h, self._at(starts)
 
     @property
     def _step(self) -> float:
         return float(self.times[1] - self.times[0]) if self.times.numel() > 1 else 1.0
 
-    def scaled(self, dt: float, costs, rms: Optional[Number] = None, cost: Optional[Number] = None) -> "Adaptive":
-        """A copy whose ``c`` meets one budget at step ``dt``: predicted RMS coin noise of ``X_T`` equal to ``rms``,
-        or expected cost per path (``sum p C``) equal to ``cost`` (bisection on ``log c``)."""
+    def scaled(self, dt: Optional[float], costs, rms: Optional[Number] = None, cost: Optional[Number] = None,
+               grid=None) -> "Adaptive":
+        """A copy whose ``c`` meets one budget at step ``dt`` (or on the steps of ``grid``): predicted RMS coin
+        noise of ``X_T`` equal to ``rms``, or expected cost per path (``sum p C``) equal to ``cost`` (bisection on
+        ``log c``)."""
         if (rms is None) == (cost is None):
             raise ValueError("give exactly one budget: rms= or cost=")
         costs = torch.as_tensor(costs, dtype=torch.float64)
@@ -369,17 +384,19 @@ class Adaptive(Schedule):
         for _ in range(100):
             mid = 0.5 * (lo + hi)
             trial.c = math.exp(mid)
-            above = measure(dt, costs) > target
+            above = measure(dt, costs, grid) > target
             lo, hi = (mid, hi) if above == decreasing else (lo, mid)
         return Adaptive(self.times, self.variances, math.exp(hi if decreasing else lo), self.floor)
 
     @classmethod
-    def pilot(cls, levels: Sequence, y0: torch.Tensor, t0: float, t1: float, dt: float, diffusion=1.0,
-              noise_type: str = "diagonal", base=None, seed: int = 0, floor: Number = 1e-6) -> "Adaptive":
-        """Runs EM with the top level from ``y0`` (a few paths) over ``[t0, t1]`` at step ``dt``, evaluates every
-        level at each step's state and returns the schedule with ``V_l(t_n) = mean ||f^l - f^{l-1}||^2``
-        (``f^0 = base``, default 0) and ``c = 1``: scale it with ``scaled(dt, costs, rms=...)``. The pilot costs
-        ``k`` evaluations of its batch per step."""
+    def pilot(cls, levels: Sequence, y0: torch.Tensor, t0: float, t1: float, dt: Optional[float], diffusion=1.0,
+              noise_type: str = "diagonal", base=None, seed: int = 0, floor: Number = 1e-6,
+              grid=None) -> "Adaptive":
+        """Runs EM with the top level from ``y0`` (a few paths) over ``[t0, t1]`` at step ``dt`` (or on the step
+        times ``grid``, non-uniform allowed, as ``sdeint``'s), evaluates every level at each step's state and
+        returns the schedule with ``V_l(t_n) = mean ||f^l - f^{l-1}||^2`` (``f^0 = base``, default 0) and
+        ``c = 1``: scale it with ``scaled(dt, costs, rms=...)`` (or ``grid=``). The pilot costs ``k`` evaluations
+        of its batch per step."""
         from .integrate import sdeint  # late: integrate imports the drift, which imports this module
         from .sde import MultilevelSDE
 
@@ -387,9 +404,9 @@ class Adaptive(Schedule):
             raise ValueError(f"the pilot runs forward in time: need t1 > t0, got t0={t0!r}, t1={t1!r}")
         levels = list(levels)
         times, states = [float(t0)], [y0]
-        sde = MultilevelSDE(levels[-1], diffusion, noise_type, dt=dt)
+        sde = MultilevelSDE(levels[-1], diffusion, noise_type, dt=None if grid is not None else dt)
         with torch.no_grad():
-            sdeint(sde, y0, [float(t0), float(t1)], dt=dt, seed=seed,
+            sdeint(sde, y0, [float(t0), float(t1)], dt=None if grid is not None else dt, grid=grid, seed=seed,
                    callback=lambda n, t, y: (times.append(float(t)), states.append(y.clone())))
             rows = []
             for t, y in zip(times[:-1], states[:-1]):

@@ -69,3 +69,19 @@ def test_scaled_to_a_cost_budget_and_argument_checks(pilot):
     flat = mlsde.Adaptive([0.0], torch.tensor([[1.0], [0.0]]), c=1.0, floor=1e-3)
     assert flat(0.3, 0.1, torch.tensor([1.0, 8.0], dtype=DTYPE)).tolist() == [0.1, 1e-3]
     assert math.isfinite(flat.predicted_variance(0.1, torch.tensor([1.0, 8.0], dtype=DTYPE)))
+
+
+def test_budgets_on_a_non_uniform_grid(pilot):
+    _, costs, schedule = pilot
+    uniform = torch.arange(129, dtype=torch.float64) * DT
+    assert schedule.predicted_cost(None, costs, grid=uniform) == pytest.approx(schedule.predicted_cost(DT, costs))
+    assert schedule.predicted_variance(None, costs, grid=uniform) == pytest.approx(
+        schedule.predicted_variance(DT, costs))
+    grid = torch.linspace(0, 1, 41, dtype=torch.float64) ** 2  # fine steps first, coarse ones last
+    scaled = schedule.scaled(None, costs, cost=3e4, grid=grid)
+    assert scaled.predicted_cost(None, costs, grid=grid) == pytest.approx(3e4, rel=1e-6)
+    p = scaled(grid[-2], float(grid[-1] - grid[-2]), costs)  # the rule at one step: c h sqrt(V / C), clipped
+    expected = torch.clamp(scaled.rates(grid[-2], costs) * float(grid[-1] - grid[-2]), min=scaled.floor, max=1.0)
+    assert torch.allclose(p, expected)
+    with pytest.raises(ValueError, match="grid"):
+        schedule.predicted_cost(None, costs, grid=[0.0, 0.5, 0.2])

@@ -237,3 +237,23 @@ def test_batch_coupled_points_give_the_spread_between_coin_patterns(ladder, tmp_
     one = Experiment(ladder, SHAPE, replace(TINY, coupling="batch", heldout=6, batch=6), tmp_path / "b6", progress=False)
     one._measure("ddpm", "mlem", "ML-EM x 20", "ML-EM x 20 a", runner([3.0]), reference)
     assert one.points[0]["coin_patterns"] == 1 and one.points[0]["mse_se"] != one.points[0]["mse_se"]  # NaN
+
+
+def test_adaptive_strategy_is_scaled_to_the_inverse_cost_budgets(ladder, tmp_path):
+    from dataclasses import replace
+
+    config = replace(TINY, strategies=("inverse-cost", "adaptive"), comonotone=("adaptive",), stratified=())
+    ex = Experiment(ladder, SHAPE, config, tmp_path, progress=False)
+    reference = ex.reference("ddpm", config.heldout, config.seed)
+    info = ex.adaptive("ddpm", reference)["20"]
+    by_label = {p["label"]: p for p in ex.points}
+    assert set(by_label) == {f"ML-EM adaptive{s} 20 p_top={p}" for s in ("", " comonotone") for p in config.p_top}
+    assert all(p["steps"] == 20 and p["networks"] == [0, 1, 2] for p in ex.points)
+    variances = torch.tensor(info["variances"])
+    assert variances.shape == (3, 20) and (variances > 0).all()  # one pilot variance per level and step
+    assert info["c"][0] > info["c"][1]  # the smaller budget (p_top 0.2) needs a smaller scale
+    costs = [ex.flops[i] for i in ex.mlem_networks]
+    for point in ex.points:  # every step runs the smallest network; no step runs more than all three
+        assert 20 * costs[0] <= point["flops"] <= 20 * sum(costs) + 1e-6
+    # EM; inverse cost (independent coins); adaptive (independent and comonotone); T-Stitch
+    assert ex._total() == 3 * len(config.em_steps) + len(config.p_top) + 2 * len(config.p_top) + 1

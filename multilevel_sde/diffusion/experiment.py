@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._random import derive_seed
+from ..random_streams import EXPERIMENT_SELECTION, derive_seed
 from ..files import (DamagedFileError, append_line, atomic_write_json, atomic_write_text, check_writable_folder,
                      clean_stale_temporaries, read_json)
 from ..learning import LearningProblem, PathSet, evaluate, fit_probabilities, shifted, sigmoid_from_probabilities
-from ..probabilities import Constant, Sigmoid
+from ..probabilities import Adaptive, Constant, Sigmoid
 from ..scaling import estimate_gamma
 from ..sde import MultilevelSDE
 from .data import save_image_grid
@@ -48,7 +48,7 @@ from .unet import unet_flops
 __all__ = ["ExperimentConfig", "Experiment", "run_experiment", "network_flops", "fixed_probabilities"]
 
 PROTOCOL_STEPS = (250, 500, 750, 900, 1000)
-STRATEGIES = ("inverse-cost", "theory", "learned")
+STRATEGIES = ("inverse-cost", "theory", "learned", "adaptive")
 _KEY_FIELDS = ("heldout", "select", "batch", "reference_steps", "mlem_networks", "coupling", "learn_steps",
                "learn_batch", "learn_grid", "schedule", "seed")
 
@@ -68,7 +68,8 @@ class ExperimentConfig:
         mlem_networks: indices of the three ML-EM networks, cheapest first (None: smallest, middle, largest).
         mlem_steps: the grids ML-EM runs on.
         p_top: the sweep of the fixed strategies, by the top network's probability.
-        strategies: any of "inverse-cost", "theory", "learned".
+        strategies: any of "inverse-cost", "theory", "learned", "adaptive" (Giles' variance-optimal rule,
+            ``mlsde.Adaptive``: a pilot on the selection set, scaled to the inverse-cost points' nominal costs).
         stratified: the strategies also run with stratified coins (``StratifiedCoins``, the same probabilities;
             a learned schedule is fitted with independent coins and only evaluated with stratified ones).
         comonotone: the strategies also run with comonotone coins (``ComonotoneCoins``: one uniform per step
@@ -403,6 +404,39 @@ class Experiment:
                                   networks=list(nets), param=delta, coins=coins)
         return info
 
+    def adaptive(self, sampler: str, reference: torch.Tensor) -> dict:
+        """Giles' variance-optimal probabilities (``mlsde.Adaptive``, ``p_l(t) = min(1, c h sqrt(V_l(t)/C_l))``):
+        on each ML-EM grid a pilot -- the top network's EM on the selection set's noise and path -- measures every
+        level difference's variance ``V_l(t)``; ``c`` is then set so that the expected cost per path equals the
+        inverse-cost strategy's at each ``p_top``, so the two curves are compared at the same nominal costs. Every
+        reported point comes from the held-out set. Returns the pilots' variances and each point's ``c``."""
+        cfg, nets = self.config, self.mlem_networks
+        costs = [self.flops[i] for i in nets]
+        n = cfg.select
+        chunk_seed = self._chunks(n, derive_seed(cfg.seed, EXPERIMENT_SELECTION), batch=n)[0][1]
+        x_T = initial_noise((n, *self.image_shape), chunk_seed, self.device).reshape(n, -1)
+        info = {}
+        for steps in cfg.mlem_steps:
+            grid = StepGrid(self.schedule, respaced_timesteps(self.schedule.T, steps), sampler)
+            levels = [DenoiserLevel(self.models[i], grid, self.image_shape, device=self.device) for i in nets]
+            diffusion = _diffusion_of(grid, self.device) if sampler == "ddpm" else 0.0
+            pilot = Adaptive.pilot(levels, x_T, float(grid.times[0]), float(grid.times[-1]), None, diffusion,
+                                   seed=chunk_seed, grid=grid.times)
+            scales = []
+            for p_top in cfg.p_top:
+                budget = steps * sum(p * c for p, c in zip(fixed_probabilities(costs, p_top), costs))
+                schedule = pilot.scaled(None, costs, cost=budget, grid=grid.times)
+                scales.append(schedule.c)
+                for suffix, coins in self._coin_schemes("adaptive"):
+                    fn = self._sample_fn(sampler, nets, steps, probabilities=schedule, coupling=cfg.coupling,
+                                         coins=coins)
+                    self._measure(sampler, "mlem", f"ML-EM adaptive{suffix} {steps}",
+                                  f"ML-EM adaptive{suffix} {steps} p_top={p_top}", fn, reference, steps=steps,
+                                  networks=list(nets), param=p_top, coins=coins)
+            info[str(steps)] = dict(times=grid.times[:-1].tolist(), variances=pilot.variances.tolist(),
+                                    c=scales, p_top=list(cfg.p_top))
+        return info
+
     def _coin_schemes(self, strategy: str) -> list:
         """``(curve-name suffix, coins)`` pairs a strategy runs with: independent coins, and stratified or
         comonotone ones when the config asks for them."""
@@ -414,7 +448,7 @@ class Experiment:
         regulariser weighing as much as the error at the start (spec §8.2); the Delta sweep sets the cost."""
         cfg, nets = self.config, self.mlem_networks
         costs = [self.flops[i] for i in nets]
-        sel_seed = derive_seed(cfg.seed, 1_000_003)
+        sel_seed = derive_seed(cfg.seed, EXPERIMENT_SELECTION)
         grid = StepGrid(self.schedule, respaced_timesteps(self.schedule.T, cfg.learn_grid), sampler)
         start_p = fixed_probabilities(costs, float(np.median(cfg.p_top)))
         drift = build_drift([self.models[i] for i in nets], grid, self.image_shape, Constant(start_p), costs,
@@ -492,7 +526,7 @@ class Experiment:
     # -- the whole run --------------------------------------------------------------------------------
     def _total(self) -> int:
         cfg = self.config
-        fixed = len(cfg.p_top) * sum(len(self._coin_schemes(s)) for s in ("inverse-cost", "theory")
+        fixed = len(cfg.p_top) * sum(len(self._coin_schemes(s)) for s in ("inverse-cost", "theory", "adaptive")
                                      if s in cfg.strategies)
         learned = len(cfg.deltas) * len(self._coin_schemes("learned")) * ("learned" in cfg.strategies)
         per = (len(self.models) * len(cfg.em_steps) + len(cfg.mlem_steps) * (fixed + learned)
@@ -509,7 +543,7 @@ class Experiment:
         started = time.perf_counter()
         self.expected_points = self._total()
         self._bar = tqdm(total=self.expected_points, desc="experiment", disable=not self.progress)
-        thresholds, learned, gamma, gamma_drift, differences = {}, {}, None, None, None
+        thresholds, learned, adaptive, gamma, gamma_drift, differences = {}, {}, {}, None, None, None
         try:
             for sampler in cfg.samplers:
                 self._bar.set_postfix_str(f"{sampler} reference")
@@ -524,6 +558,8 @@ class Experiment:
                 self.fixed(sampler, reference, None if gamma is None else gamma["gamma"])
                 if "learned" in cfg.strategies:
                     learned[sampler] = self.learned(sampler, reference)
+                if "adaptive" in cfg.strategies:
+                    adaptive[sampler] = self.adaptive(sampler, reference)
                 self.tstitch(sampler, reference)
         finally:
             self._bar.close()
@@ -533,7 +569,8 @@ class Experiment:
                        networks=[dict(name=n, flops=f, params=_num_parameters(m))
                                  for n, f, m in zip(self.names, self.flops, self.models)],
                        mlem_networks=[self.names[i] for i in self.mlem_networks], thresholds=thresholds,
-                       gamma=gamma, gamma_drift=gamma_drift, learned=learned, level_differences=differences,
+                       gamma=gamma, gamma_drift=gamma_drift, learned=learned, adaptive=adaptive,
+                       level_differences=differences,
                        points=self.points, summary=summary, summary_no_threshold=unthresholded,
                        notes=self.notes(gamma, gamma_drift) + self.unthresholded_notes(unthresholded), figures=[],
                        seconds=time.perf_counter() - started)
