@@ -8,7 +8,7 @@
 #      25x) trained with benchmarks/celeba16_cpu.sh step 12's command, then step 12's experiment on widths 2, 8,
 #      32 -> $OUT/celeba16-nested-wide-3
 #   C. CelebA 16x16: nested-cpu retrained with step 12's command on the GPU, then step 12's 3-width experiment
-#      (widths 3, 10, 24) with the adaptive strategy (mlsde.Adaptive) beside learned p -> $OUT/celeba16-nested-adaptive
+#      (widths 3, 10, 24) with the adaptive strategy (mlsde.Adaptive) beside learned p -> $OUT/celeba16-nested-cpu-3
 # Measured on an H200 (2026-12-04, benchmarks/results/gpu-nested/README.md): a joint step of nested-paper at 64x64
 # (batch 256, bf16) takes 0.84 s, so a 15-minute device session trains only ~175 steps -- give TRAIN64 hours, not
 # minutes; the 16x16 stages ran at 0.16 s a step beside it (launch bound) and did not finish 4000 steps in 430 s.
@@ -89,31 +89,19 @@ fi
 log "smoke passed"
 [ "${SMOKE_ONLY:-0}" = 1 ] && exit 0
 
-# B. the wider nested ladder at 16x16 (step 12's command with other widths), then step 12's experiment
-(
-  timeout $(( $(left) - 10 )) "$PY" -m multilevel_sde.cli train --nested nested-cpu --widths 2,4,8,16,32 \
-    "${TRAIN16[@]}" --out "$WORK/nested-wide" > "$RES/logs/nested-wide-train.json" 2> "$RES/logs/nested-wide-train.log"
-  log "B trained ($?)"
-  timeout $(( $(left) - 10 )) "$PY" -m multilevel_sde.cli experiment "$WORK/nested-wide" \
-    --out "$RES/celeba16-nested-wide-3" --mlem-networks 0,2,4 "${PROTOCOL16[@]}" \
-    --title "CelebA 16x16, one nested UNet of widths 2, 4, 8, 16, 32 trained jointly for 4000 steps, ML-EM on widths 2, 8, 32, DDPM (GPU)" \
-    --strategies inverse-cost,theory,learned,adaptive --stratified inverse-cost,theory,learned \
-    --comonotone inverse-cost,theory,adaptive > "$RES/logs/nested-wide-3.log" 2>&1
-  log "B experiment ($?)"
-) &
-
-# C. nested-cpu retrained (step 12's command), then step 12's 3-width experiment with the adaptive strategy
-(
-  timeout $(( $(left) - 10 )) "$PY" -m multilevel_sde.cli train --nested nested-cpu "${TRAIN16[@]}" \
-    --out "$WORK/nested-cpu" > "$RES/logs/nested-cpu-train.json" 2> "$RES/logs/nested-cpu-train.log"
-  log "C trained ($?)"
-  timeout $(( $(left) - 10 )) "$PY" -m multilevel_sde.cli experiment "$WORK/nested-cpu" \
-    --out "$RES/celeba16-nested-adaptive" --mlem-networks 0,2,4 "${PROTOCOL16[@]}" \
-    --title "CelebA 16x16, nested-cpu retrained on a GPU (4000 joint steps), ML-EM on widths 3, 10, 24 with the adaptive strategy, DDPM" \
-    --strategies inverse-cost,theory,learned,adaptive --stratified inverse-cost,theory,learned \
-    --comonotone inverse-cost,theory,adaptive > "$RES/logs/nested-cpu-3.log" 2>&1
-  log "C experiment ($?)"
-) &
+# B and C: a 16x16 nested ladder trained with step 12's command, then step 12's experiment on three widths
+nested16() {  # nested16 NAME TITLE [TRAIN ARGS...]
+  timeout $(( $(left) - 10 )) "$PY" -m multilevel_sde.cli train --nested nested-cpu "${@:3}" "${TRAIN16[@]}" \
+    --out "$WORK/$1" > "$RES/logs/$1-train.json" 2> "$RES/logs/$1-train.log"
+  log "$1 trained ($?)"
+  timeout $(( $(left) - 10 )) "$PY" -m multilevel_sde.cli experiment "$WORK/$1" --out "$RES/celeba16-$1-3" \
+    --mlem-networks 0,2,4 "${PROTOCOL16[@]}" --title "$2" --strategies inverse-cost,theory,learned,adaptive \
+    --stratified inverse-cost,theory,learned --comonotone inverse-cost,theory,adaptive > "$RES/logs/$1-3.log" 2>&1
+  log "$1 experiment ($?)"
+}
+nested16 nested-wide "CelebA 16x16, one nested UNet of widths 2, 4, 8, 16, 32 trained jointly for 4000 steps, ML-EM on widths 2, 8, 32, DDPM (GPU)" \
+  --widths 2,4,8,16,32 &
+nested16 nested-cpu "CelebA 16x16, nested-cpu retrained on a GPU (4000 joint steps), ML-EM on widths 3, 10, 24 with the adaptive strategy, DDPM" &
 
 # A. 64x64: time one joint training step, fit the steps to TRAIN64 seconds, train, run the experiment
 PROBE=$("$PY" - "$DEVICE" <<'EOF'

@@ -11,7 +11,8 @@ from . import problems
 from .brownian import GridBrownian
 from .coins import CoinScheme, ComonotoneCoins, IndependentCoins, Replay, StratifiedCoins
 from .cost import flops_per_sample, measure_costs, seconds_per_sample
-from .drift import MultilevelDrift, NonFiniteError
+from .checks import NonFiniteError
+from .drift import MultilevelDrift
 from .integrate import odeint, sdeint
 from . import learning
 from .probabilities import Adaptive, Constant, InverseCost, PowerLaw, Schedule, Sigmoid, Theorem1

@@ -15,7 +15,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ._random import check_seed, derive_seed, fresh_seed, make_generator
+from .grid import uniform_grid, validate_grid
+from .random_streams import check_seed, derive_seed, fresh_seed, make_generator
 
 __all__ = ["GridBrownian", "CACHE_MODES"]
 
@@ -56,8 +57,6 @@ class GridBrownian:
         t1: Optional[float] = None,
         dt: Optional[float] = None,
     ):
-        from .solvers.grid import uniform_grid, validate_grid
-
         if times is not None and (t0, t1, dt) != (None, None, None):
             given = ", ".join(f"{k}={v!r}" for k, v in (("t0", t0), ("t1", t1), ("dt", dt)) if v is not None)
             raise ValueError(f"GridBrownian takes either times= or t0=, t1=, dt=, not both (got times and {given})")

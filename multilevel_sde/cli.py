@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import shlex
@@ -179,10 +180,126 @@ def _toy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace, rest: Sequence[str]) -> int:
-    from .diffusion.train import main as train_main
+# ------------------------------------------------------------------------------------------------ mlsde train
+def add_dataclass_options(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One option per field of the dataclass ``config_class`` that has a ``metadata["help"]``: ``--field-name``
+    (``dest`` the field), with that help and the field's default and type; a bool is a ``--name/--no-name``
+    switch. ``metadata["cli"]`` overrides argparse settings (``default``, ``type``, ``choices``) and may name
+    ``off``, the option's value that means None (:func:`dataclass_values`)."""
+    for field in dataclasses.fields(config_class):
+        if "help" not in field.metadata:
+            continue
+        settings = {k: v for k, v in field.metadata.get("cli", {}).items() if k != "off"}
+        settings.setdefault("default", field.default)
+        default = settings["default"]
+        if isinstance(default, bool):
+            settings["action"] = argparse.BooleanOptionalAction
+        elif default is not None and "choices" not in settings:
+            settings.setdefault("type", type(default))
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, help=field.metadata["help"],
+                            **settings)
 
-    return train_main(list(rest), prog="mlsde train")
+
+def dataclass_values(args: argparse.Namespace, config_class: type) -> dict:
+    """The values of :func:`add_dataclass_options`' options, by field (an ``off`` value as None)."""
+    values = {}
+    for field in dataclasses.fields(config_class):
+        if "help" in field.metadata:
+            cli, value = field.metadata.get("cli", {}), getattr(args, field.name)
+            values[field.name] = None if "off" in cli and value == cli["off"] else value
+    return values
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .diffusion.train import TrainConfig
+
+    p.description = ("Train one SeparableUNet level (or a ladder of them, or one NestedUNet whose widths are the "
+                     "levels) on the eps-prediction loss, with an EMA, resumable checkpoints and held-out losses. "
+                     "Runs under torchrun for several processes (DistributedDataParallel): "
+                     "torchrun --nproc_per_node=2 -m multilevel_sde.diffusion.train ...")
+    p.add_argument("--preset", action="append", default=None,
+                   help="UNet preset(s) (e.g. cpu-s); several (repeated or comma-separated) train a ladder")
+    p.add_argument("--family", default=None, help="train the whole ladder of a preset family ('cpu', 'paper')")
+    p.add_argument("--nested", default=None, metavar="PRESET",
+                   help="train one NestedUNet whose widths are the ladder's levels (e.g. nested-cpu; see "
+                        "multilevel_sde.diffusion.nested) instead of separate presets")
+    p.add_argument("--widths", default=None, help="with --nested: the base widths, e.g. 4,8,12,16,24")
+    p.add_argument("--data", default="default",
+                   help="data spec: default (the built-in digits), celeba:PATH, folder:PATH or a bare PATH")
+    p.add_argument("--image-size", type=int, default=16, help="image height and width the data are resized to")
+    p.add_argument("--channels", type=int, default=None, help="image channels (default: the data's)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first LIMIT images")
+    p.add_argument("--holdout", type=float, default=0.05, help="held-out fraction (< 1) or count (>= 1)")
+    p.add_argument("--out", required=True, help="output folder (resumed if it holds a checkpoint)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="store the weights and run the UNet(s) in the channels_last memory format")
+    p.add_argument("--distill", action="store_true", help="ladder: distil each level from a larger one")
+    p.add_argument("--distill-target", choices=["next", "top"], default="next",
+                   help="with --distill: each level's teacher is the next larger level or the top one")
+    p.add_argument("--init-from", default=None,
+                   help="one level: start from evenly spaced channels and the first blocks of this (larger) "
+                        "checkpoint's EMA weights (weight selection) instead of a random initialisation")
+    add_dataclass_options(p, TrainConfig)  # --steps, --lr, ... (TrainConfig's fields)
+    p.set_defaults(func=_train)
+    return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    return _run_training(args, "mlsde train", quiet=False)
+
+
+def train_main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, quiet: bool = False) -> int:
+    """``mlsde train ARGV`` from Python: errors are raised (a ``ValueError`` naming the flag), not printed; a
+    command-line mistake exits with status 2. ``prog``: the command's name in usage and messages; ``quiet``: do
+    not print the summary (it is in the output folder's ``summary.json``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or "mlsde train"
+    args = _add_train_options(Parser(prog=prog, formatter_class=HelpFormatter)).parse_args(argv)
+    args.argv = ["train", *argv]
+    return _run_training(args, prog, quiet)
+
+
+def _run_training(args: argparse.Namespace, prog: str, quiet: bool) -> int:
+    """``mlsde train``: the flags checked, ``--out`` locked (first process), then ``train.command.train_command``.
+    A signal that stopped training is one line saying how to resume (status 130/143); config errors name the
+    flags."""
+    import re
+
+    from .diffusion.train import TrainConfig, TrainingInterrupted
+    from .diffusion.train.command import train_command
+    from .diffusion.train.processes import launch_rank
+    from .files import DamagedFileError, check_writable_folder
+
+    presets = [p for entry in (args.preset or []) for p in entry.split(",") if p]
+    if args.family:
+        from .diffusion.unet import ladder_presets
+
+        presets += ladder_presets(args.family)
+    if not presets and not args.nested:
+        raise UsageError(prog, "give --preset NAME (or several, or --family cpu, or --nested nested-cpu)")
+    if presets and args.nested:
+        raise UsageError(prog, "give --preset/--family or --nested, not both")
+    if (args.distill_from or args.init_from) and len(presets) > 1:
+        raise UsageError(prog, "--distill-from and --init-from train one level; for a ladder use --distill")
+    try:
+        config = TrainConfig(**dataclass_values(args, TrainConfig))
+        lock = FolderLock(args.out, prog)
+        if launch_rank() == 0:  # before any work: an unwritable --out, or one another run writes into, fails now
+            check_writable_folder(args.out, "--out")
+            lock.acquire()
+        try:
+            return train_command(args, presets, config, quiet)
+        finally:
+            lock.release()
+    except TrainingInterrupted as stop:
+        print(f"{prog}: {stop.signame} at step {stop.step} of {stop.steps}: saved {str(stop.checkpoint)!r}; "
+              f"resume with: {prog} {shlex.join(args.argv[1:])}", file=sys.stderr)
+        return stop.exit_code
+    except ValueError as err:  # name the flags, not the config fields: TrainConfig.batch_size -> --batch-size
+        text = re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(err))
+        if text == str(err):
+            raise
+        raise (type(err) if type(err) in (ValueError, DamagedFileError) else ValueError)(text) from err
 
 
 def _sample_outputs(args: argparse.Namespace) -> Path:
@@ -280,12 +397,24 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(SystemExit):
+    """A command-line mistake: ``PROG: error: MESSAGE (see PROG --help)`` on stderr, status 2; ``str(error)`` is the
+    message."""
+
+    def __init__(self, prog: str, message: str):
+        self.message = " ".join(message.split())
+        print(f"{prog}: error: {self.message} (see {prog} --help)", file=sys.stderr)
+        super().__init__(2)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``PROG: error: MESSAGE (see PROG --help)`` on stderr, status 2 (as every
-    error of ``mlsde``)."""
+    """argparse with one-line errors (:class:`UsageError`, as every error of ``mlsde``)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+        raise UsageError(self.prog, message)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -390,8 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "points and rewrite results.json, report.md and the figures")
     rescore.add_argument("folders", nargs="+", help="experiment output folders (holding results.json)")
     rescore.set_defaults(func=_rescore)
-    sub.add_parser("train", help="train UNet level(s) of a diffusion ladder (see: mlsde train --help)",
-                   add_help=False)
+    _add_train_options(sub.add_parser("train", help="train UNet level(s) of a diffusion ladder (see: mlsde train "
+                                                    "--help)"))
     smp = sub.add_parser("sample", help="sample images with EM, DDIM or ML-EM from trained levels")
     smp.add_argument("levels", nargs="+", help="checkpoints (files or folders, also comma-separated), cheapest "
                                                "first; without --probs or --inverse-cost only the last one is "
@@ -433,8 +562,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] == ["train"]:  # its options belong to the training module's own parser
-            return _train(argparse.Namespace(), argv[1:])
         args = parser.parse_args(argv)
         args.argv = argv
         if args.command is None:

@@ -1,8 +1,10 @@
 """How the Bernoulli coins ``B_l ~ Bernoulli(p_l)`` of ML-EM are drawn, recorded and replayed.
 
-Coins live on the CPU (``k`` or ``k x batch`` booleans a step): the decision of which levels to evaluate
-is then known on the host without synchronising an accelerator, and the same seed gives the same coins
-on every device. A coin scheme is reset at the start of each solve and asked once per step.
+A coin scheme is a strategy that owns its random stream: ``seed(seed)`` starts it (the drift calls it at
+construction and on ``reseed``), ``draw(p, batch)`` gives the coins of one step, ``get_state()`` /
+``set_state()`` rewind it (the solvers replay a few steps when their state turns NaN). Coins live on the CPU
+(``k`` or ``k x batch`` booleans a step): which levels to evaluate is then known on the host without
+synchronising an accelerator, and the same seed gives the same coins on every device.
 
 Schemes and what they keep (``tests/test_coin_bias.py`` measures the path bias of each on a linear ladder):
 
@@ -24,120 +26,45 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["CoinScheme", "IndependentCoins", "StratifiedCoins", "ComonotoneCoins", "Replay", "CoinRecord", "UniformStream",
+from .random_streams import make_generator
+
+__all__ = ["CoinScheme", "IndependentCoins", "StratifiedCoins", "ComonotoneCoins", "Replay", "CoinRecord",
            "as_coin_scheme", "register_coin_scheme"]
 
 
-class UniformStream:
-    """Float64 uniforms on ``[0, 1)`` from a CPU generator, drawn ``block`` at a time and handed out in order.
-
-    A request for ``n`` values returns exactly what ``torch.rand(n, generator=generator, dtype=float64)``
-    would have returned at that point of the stream (the CPU generator fills uniforms one after another),
-    so buffering changes no coin; it only spares one small random call per step. ``reset()`` drops the
-    buffer (call it after re-seeding the generator).
-    """
-
-    def __init__(self, generator: torch.Generator, block: int = 1 << 14):
-        self.generator, self.block = generator, int(block)
-        self.reset()
-
-    def reset(self) -> None:
-        self._buffer: Optional[torch.Tensor] = None
-        self._array: Optional[np.ndarray] = None  # the buffer's memory seen by numpy (slicing it is cheaper)
-        self._pos = 0
-        self._codes: Optional[_CodeBlock] = None
-        self.generation = getattr(self, "generation", -1) + 1  # changes whenever the buffer is replaced
-
-    def _ensure(self, n: int) -> None:
-        left = 0 if self._buffer is None else self._buffer.numel() - self._pos
-        if left >= n and self._buffer is not None:
-            return
-        fresh = torch.rand(max(self.block, n - left), generator=self.generator, dtype=torch.float64)
-        self._buffer = fresh if left == 0 else torch.cat([self._buffer[self._pos:], fresh])
-        self._array, self._pos, self._codes = self._buffer.numpy(), 0, None
-        self.generation += 1
-
-    def _take(self, n: int) -> slice:
-        """Where the next ``n`` uniforms lie in the buffer (refilled when needed); advances past them."""
-        self._ensure(n)
-        self._pos += n
-        return slice(self._pos - n, self._pos)
-
-    def tensor(self, n: int) -> torch.Tensor:
-        """The next ``n`` uniforms, a float64 CPU tensor ``(n,)`` (a view of the buffer: do not modify)."""
-        where = self._take(n)  # first: it may refill the buffer
-        return self._buffer[where]
-
-    def numpy(self, n: int) -> np.ndarray:
-        """The next ``n`` uniforms as a float64 numpy array (a view of the buffer: do not modify)."""
-        where = self._take(n)  # first: it may refill the buffer
-        return self._array[where]
-
-    def lookahead(self, width: int, max_rows: int) -> tuple[np.ndarray, tuple[int, int]]:
-        """The next uniforms in whole rows of ``width``, float64 ``(rows, width)`` with ``1 <= rows <= max_rows``
-        (as many as the buffer holds, refilled first when it holds less than one row), without advancing; and
-        the stream's ``position()``. ``advance(width)`` then consumes one row, exactly as ``numpy(width)``
-        would; the rows still ahead are valid while ``position()`` is where the last advance left it."""
-        self._ensure(width)
-        rows = max(1, min(max_rows, (self._buffer.numel() - self._pos) // width))
-        return self._array[self._pos:self._pos + rows * width].reshape(rows, width), self.position()
-
-    def position(self) -> tuple[int, int]:
-        """Where the stream stands: ``(generation of the buffer, offset in it)``."""
-        return self.generation, self._pos
-
-    def advance(self, n: int) -> None:
-        """Consumes the next ``n`` uniforms, which a ``lookahead`` has shown."""
-        self._pos += n
-
-    def next_code(self, key: object, thresholds: np.ndarray, bits: np.ndarray, base: int) -> int:
-        """The next ``n = len(thresholds)`` uniforms ``u`` compared with ``thresholds``, as one integer:
-        ``base + sum(bits[i] for i with u_i < thresholds[i])``. The comparisons for the rest of the buffer are
-        made at once (one numpy call) and handed out step by step while the same ``key`` asks for codes back
-        to back; any other request in between, or another key, starts a fresh block. The stream advances
-        exactly as ``numpy(n)`` would."""
-        block = self._codes
-        if block is not None and block.key is key and block.pos == self._pos and block.next < len(block.codes):
-            code = block.codes[block.next]
-            block.next += 1
-            block.pos = self._pos = self._pos + block.width
-            return code
-        n = len(thresholds)
-        self._ensure(n)
-        steps = (self._buffer.numel() - self._pos) // n
-        window = self._array[self._pos:self._pos + steps * n].reshape(steps, n)
-        codes = ((window < thresholds) @ bits + base).tolist()
-        self._codes = _CodeBlock(key, n, codes, next=1, pos=self._pos + n)
-        self._pos += n
-        return codes[0]
-
-
-@dataclass
-class _CodeBlock:
-    """Codes precomputed by ``UniformStream.next_code`` for one key, and where the stream must be to use them."""
-
-    key: object
-    width: int  # uniforms per code
-    codes: list
-    next: int  # index of the next code to hand out
-    pos: int  # stream position at which codes[next] starts
-
-
 class CoinScheme:
-    """Draws the coins of one step.
+    """Draws the coins of one step from its own stream (a CPU ``torch.Generator``, ``self.generator``).
 
-    ``draw(p, batch, generator, step)``: ``p`` is a float64 CPU tensor ``(k,)`` (or ``(k, batch)``);
-    ``batch`` is None for one coin per level shared by the batch, else the number of samples.
-    Returns a bool CPU tensor ``(k,)`` or ``(k, batch)`` with ``P(B_l = 1) = p_l`` at every step.
+    Subclasses implement ``draw(p, batch)``: ``p`` is a float64 CPU tensor ``(k,)`` (or ``(k, batch)``); ``batch``
+    is None for one coin per level shared by the batch, else the number of samples. It returns a bool CPU tensor
+    ``(k,)`` or ``(k, batch)`` with ``P(B_l = 1) = p_l``. ``reset()`` clears what the scheme keeps between steps
+    (called by ``seed``). ``get_state()`` is the generator's state and a shallow copy of the scheme's attributes,
+    so a scheme must replace, not modify in place, the tensors it keeps.
     """
 
     name = "scheme"
+    generator: Optional[torch.Generator] = None
+
+    def seed(self, seed: int) -> None:
+        """Starts the stream afresh from ``seed`` and resets the scheme."""
+        self.generator = make_generator(seed)
+        self.reset()
 
     def reset(self) -> None:
-        """Called at the start of every solve."""
+        """Clears what the scheme keeps between steps."""
 
-    def draw(self, p: torch.Tensor, batch: Optional[int], generator: torch.Generator, step: int) -> torch.Tensor:
+    def draw(self, p: torch.Tensor, batch: Optional[int]) -> torch.Tensor:
         raise NotImplementedError
+
+    def get_state(self) -> tuple:
+        """Where the stream stands, for ``set_state``."""
+        fields = {name: value for name, value in vars(self).items() if name != "generator"}
+        return self.generator.get_state(), fields
+
+    def set_state(self, state: tuple) -> None:
+        generator_state, fields = state
+        self.generator.set_state(generator_state)
+        vars(self).update(fields)
 
     def evaluation_probabilities(self, p: torch.Tensor) -> torch.Tensor:
         """``P(f^m evaluated) = P(B_m = 1 or B_{m+1} = 1)`` for each level from ``p`` ``(k, ...)`` (``p_k`` for the
@@ -150,16 +77,26 @@ class CoinScheme:
 class IndependentCoins(CoinScheme):
     """Independent coins over levels, steps (and samples): the paper's scheme.
 
-    A ``MultilevelDrift`` draws these coins itself, as ``u < p`` from its buffered ``UniformStream``, and gives
-    a level whose ``p`` is 1 its (certain) coin without consuming a uniform.
+    A step's coins are ``u < p`` for fresh uniforms ``u``, ``width`` (1, or the batch) per level, in level order;
+    a level whose ``p`` is 1 (for every sample) is certain and takes no uniform.
     """
 
     name = "independent"
 
-    def draw(self, p: torch.Tensor, batch: Optional[int], generator: torch.Generator, step: int) -> torch.Tensor:
-        shape = p.shape if batch is None or p.dim() == 2 else (p.shape[0], batch)
-        u = torch.rand(shape, generator=generator, dtype=torch.float64)
-        return u < (p if p.dim() == len(shape) else p.unsqueeze(-1))
+    def draw(self, p: torch.Tensor, batch: Optional[int]) -> torch.Tensor:
+        if batch is None and p.dim() == 1:  # one coin per level: the same draws, on k numbers as Python floats
+            probs = p.tolist()
+            u = iter(torch.rand(sum(q < 1 for q in probs), generator=self.generator, dtype=torch.float64).tolist())
+            return torch.from_numpy(np.array([q >= 1 or next(u) < q for q in probs]))
+        rows = p.numpy().reshape(len(p), -1)  # (k, 1) or (k, batch)
+        width = rows.shape[1] if batch is None else batch
+        uncertain = (rows < 1).any(1)
+        coins = np.ones((len(p), width), dtype=bool)
+        n = np.count_nonzero(uncertain)
+        if n:
+            u = torch.rand(n, width, generator=self.generator, dtype=torch.float64).numpy()
+            coins[uncertain] = u < rows[uncertain]
+        return torch.from_numpy(coins)
 
     def __repr__(self) -> str:
         return "IndependentCoins()"
@@ -184,15 +121,15 @@ class StratifiedCoins(CoinScheme):
     name = "stratified"
 
     def __init__(self):
-        self._phase: Optional[torch.Tensor] = None
+        self._phase: Optional[torch.Tensor] = None  # replaced every step, never modified in place (get_state)
 
     def reset(self) -> None:
         self._phase = None
 
-    def draw(self, p: torch.Tensor, batch: Optional[int], generator: torch.Generator, step: int) -> torch.Tensor:
+    def draw(self, p: torch.Tensor, batch: Optional[int]) -> torch.Tensor:
         shape = p.shape if batch is None or p.dim() == 2 else (p.shape[0], batch)
         if self._phase is None or self._phase.shape != shape:
-            self._phase = torch.rand(shape, generator=generator, dtype=torch.float64)
+            self._phase = torch.rand(shape, generator=self.generator, dtype=torch.float64)
         phase = self._phase + (p if p.dim() == len(shape) else p.unsqueeze(-1))
         coins = phase >= 1.0
         self._phase = torch.where(coins, phase - 1.0, phase)
@@ -224,11 +161,11 @@ class ComonotoneCoins(CoinScheme):
 
     name = "comonotone"
 
-    def draw(self, p: torch.Tensor, batch: Optional[int], generator: torch.Generator, step: int) -> torch.Tensor:
+    def draw(self, p: torch.Tensor, batch: Optional[int]) -> torch.Tensor:
         if batch is None and p.dim() == 1:
-            return torch.rand((), generator=generator, dtype=torch.float64) < p
+            return torch.rand((), generator=self.generator, dtype=torch.float64) < p
         width = p.shape[1] if p.dim() == 2 else batch
-        u = torch.rand(1, width, generator=generator, dtype=torch.float64)
+        u = torch.rand(1, width, generator=self.generator, dtype=torch.float64)
         return u < (p if p.dim() == 2 else p.unsqueeze(-1))
 
     def evaluation_probabilities(self, p: torch.Tensor) -> torch.Tensor:
@@ -258,8 +195,17 @@ class Replay(CoinScheme):
                 raise ValueError("pattern must hold booleans (or 0/1 values)")
             pattern = pattern.bool()
         self.pattern = pattern.detach().cpu()
+        self.step = 0  # the next step of the pattern
 
-    def draw(self, p: torch.Tensor, batch: Optional[int], generator: torch.Generator, step: int) -> torch.Tensor:
+    def reset(self) -> None:
+        self.step = 0
+
+    def draw(self, p: torch.Tensor, batch: Optional[int]) -> torch.Tensor:
+        coins = self._coins(self.step, p, batch)
+        self.step += 1
+        return coins
+
+    def _coins(self, step: int, p: torch.Tensor, batch: Optional[int]) -> torch.Tensor:
         if step >= self.pattern.shape[0]:
             raise ValueError(f"Replay pattern has {self.pattern.shape[0]} steps, but step {step + 1} was asked for")
         if self.pattern.shape[1] != p.shape[0]:

@@ -18,21 +18,21 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ._random import check_seed, make_generator, solve_seeds
 from .brownian import GridBrownian
 from .drift import MultilevelDrift
-from .sde import MultilevelSDE
-from .solvers.euler import integrate_em
-from .solvers.poisson import integrate_poisson
-from .solvers.grid import (
-    OutputPlan,
+from .grid import (
     as_times,
     numpy_dtype,
     torchdiffeq_grid,
+    torchdiffeq_output_plan,
     torchsde_output_plan,
     uniform_grid,
     validate_grid,
 )
+from .random_streams import check_seed, make_generator, solve_seeds
+from .sde import MultilevelSDE
+from .solvers.euler import Euler
+from .solvers.poisson import Poisson
 from .stats import Stats
 
 __all__ = ["sdeint", "odeint", "SDE_METHODS", "ODE_METHODS"]
@@ -206,14 +206,6 @@ def _stats_context(multilevel: Optional[MultilevelDrift]):
     return multilevel.track() if multilevel is not None else contextlib.nullcontext(None)
 
 
-def _deferred_checks(multilevel: Optional[MultilevelDrift], direct: bool, schedule_fixed: bool):
-    """The drift's ``deferred_checks`` when the solver calls its ``sample`` directly (else no deferral);
-    ``schedule_fixed`` when nothing else runs during the solve (no callback)."""
-    if multilevel is None or not direct:
-        return contextlib.nullcontext(None)
-    return multilevel.deferred_checks(schedule_fixed)
-
-
 class _PlainCounter:
     """Counts evaluations of a drift that is not multilevel (one 'level')."""
 
@@ -310,10 +302,10 @@ def sdeint(
     counter = None
     if multilevel is None:
         drift = counter = _PlainCounter(protocol.drift)
+    solver = Euler(times, steps, drift, noise, checked=multilevel if protocol.samples_multilevel else None)
     start = time.perf_counter()
-    with _stats_context(multilevel) as stats, \
-            _deferred_checks(multilevel, protocol.samples_multilevel, callback is None) as log:
-        ys = integrate_em(y0, times, steps, plan, drift, noise, callback=callback, progress=progress, step_log=log)
+    with _stats_context(multilevel) as stats:
+        ys = solver.integrate(y0, plan, callback=callback, progress=progress)
     stats = counter.stats if counter is not None else stats
     stats.total_time = time.perf_counter() - start
     stats.seed = solve_seed if (seed is not None or bm is None) else None
@@ -340,8 +332,10 @@ def _sdeint_poisson(protocol: _SDEProtocol, sde, y0, ts_host, bm, dt, grid, seed
     constant = float(sde.diffusion) if isinstance(sde.diffusion, Number) else None
     start = time.perf_counter()
     with multilevel.track() as stats:
-        ys = integrate_poisson(multilevel, sde.sigma, constant, sde.noise_type, y0, ts_host.astype(np.float64), dt,
-                               make_generator(noise_seed, y0.device), bm)
+        ts = ts_host.astype(np.float64)
+        solver = Poisson(multilevel, sde.sigma, constant, sde.noise_type, y0, ts, dt,
+                         make_generator(noise_seed, y0.device), bm)
+        ys = solver.integrate(y0, solver.output_plan(ts))
     stats.total_time = time.perf_counter() - start
     stats.seed = solve_seed if seed is not None or bm is None else None
     return (ys, stats) if return_stats else ys
@@ -452,7 +446,7 @@ def odeint(
         grid = t_fwd.detach().cpu()
     grid_np = grid.numpy()
     steps = (grid[1:] - grid[:-1]).numpy().tolist()  # Python floats, as float(h) of each
-    plan = _torchdiffeq_plan(grid_np, t_fwd.detach().cpu().numpy())
+    plan = torchdiffeq_output_plan(grid_np, t_fwd.detach().cpu().numpy())
 
     multilevel = func if isinstance(func, MultilevelDrift) else None
     seed = check_seed(seed)
@@ -469,29 +463,12 @@ def odeint(
     if multilevel is None:
         drift = counter = _PlainCounter(drift)
     times = grid.to(device=y0.device, dtype=y0.dtype if y0.is_floating_point() else grid.dtype)
+    solver = Euler(times, steps, drift, None, checked=multilevel)
     start = time.perf_counter()
-    with _stats_context(multilevel) as stats, _deferred_checks(multilevel, True, callback is None) as log:
-        sol = integrate_em(y0, times, steps, plan, drift, None, callback=callback, progress=progress, step_log=log)
+    with _stats_context(multilevel) as stats:
+        sol = solver.integrate(y0, plan, callback=callback, progress=progress)
     stats = counter.stats if counter is not None else stats
     stats.total_time = time.perf_counter() - start
     stats.seed = solve_seed if seed is not None else None
     return (sol, stats) if return_stats else sol
 
-
-def _torchdiffeq_plan(grid: np.ndarray, t: np.ndarray) -> OutputPlan:
-    """torchdiffeq's fixed-grid outputs: after the step ``[t0, t1]``, every ``t[j] <= t1`` not yet written
-    is ``y0`` at ``t0``, ``y1`` at ``t1``, else ``y0 + (t - t0)/(t1 - t0) (y1 - y0)``."""
-    step, w_prev, w_curr = [0], [0.0], [1.0]
-    j = 1
-    for n in range(1, len(grid)):
-        t0, t1 = grid[n - 1], grid[n]
-        while j < len(t) and t1 >= t[j]:
-            if t[j] == t1:
-                step.append(n), w_prev.append(0.0), w_curr.append(1.0)
-            elif t[j] == t0:
-                step.append(n - 1), w_prev.append(0.0), w_curr.append(1.0)
-            else:
-                slope = float((t[j] - t0) / (t1 - t0))
-                step.append(n), w_prev.append(1.0 - slope), w_curr.append(slope)
-            j += 1
-    return OutputPlan(step, w_prev, w_curr, delta_form=True)

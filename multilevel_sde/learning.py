@@ -33,14 +33,14 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ._random import check_seed, derive_seed, make_generator
+from .random_streams import check_seed, derive_seed, make_generator
 from .brownian import GridBrownian
 from .coins import CoinScheme, Replay
 from .drift import MultilevelDrift
 from .integrate import sdeint
 from .probabilities import Constant, Schedule, Sigmoid, as_schedule
 from .sde import MultilevelSDE
-from .solvers.grid import uniform_grid, validate_grid
+from .grid import uniform_grid, validate_grid
 from .stats import Stats
 
 __all__ = [

@@ -66,23 +66,6 @@ class Schedule(nn.Module):
         """True when the probabilities depend on the step size ``dt`` (the per-unit-time forms)."""
         return self.per_unit_time
 
-    def __setattr__(self, name: str, value) -> None:
-        super().__setattr__(name, value)
-        self.__dict__["_revision"] = self.__dict__.get("_revision", 0) + 1
-
-    def cache_token(self) -> tuple:
-        """Changes whenever the schedule's output may change: an attribute set, or a tensor of it replaced
-        (``.to()``) or modified in place. A drift reuses a time-independent schedule's probabilities while
-        the token stays the same (cheaper than comparing values every step)."""
-        token = [self.__dict__.get("_revision", 0)]
-        for x in self._buffers.values():  # .to() replaces a buffer by a new tensor
-            if x is not None:
-                token += (id(x), x._version)
-        for x in self._parameters.values():  # .to() may swap a parameter's data in place
-            if x is not None:
-                token += (id(x), x._version, x.dtype, x.device)
-        return tuple(token)
-
     def _broadcast(self, p: torch.Tensor, t: TimeLike) -> torch.Tensor:
         shape = _time_shape(t)
         return p.reshape(p.shape + (1,) * len(shape)).expand(p.shape + shape) if shape else p

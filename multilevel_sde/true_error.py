@@ -42,7 +42,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 import torch
 
-from ._random import derive_seed
+from .random_streams import derive_seed
 from .brownian import GridBrownian
 from .files import atomic_write, atomic_write_json
 from .integrate import sdeint

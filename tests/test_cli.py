@@ -68,16 +68,14 @@ def test_train_reports_bad_data_clearly(tmp_path, capsys):
 
 
 def _parsers():
-    """``(command, parser)`` for ``mlsde`` and each subcommand; ``train`` by the training module's own parser."""
+    """``(command, parser)`` for ``mlsde`` and each subcommand."""
     import argparse
 
     from multilevel_sde.cli import build_parser
-    from multilevel_sde.diffusion.train import _parser as train_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    found = [("mlsde", parser)] + [(f"mlsde {name}", p) for name, p in sub.choices.items() if name != "train"]
-    return found + [("mlsde train", train_parser("mlsde train"))], sub
+    return [("mlsde", parser)] + [(f"mlsde {name}", p) for name, p in sub.choices.items()], sub
 
 
 def test_every_option_has_a_help_text_with_its_default():
@@ -111,3 +109,26 @@ def test_train_help_names_mlsde_train(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("usage: mlsde train")
+
+
+def test_train_options_are_train_configs_fields():
+    """mlsde train has one option per TrainConfig field, with the field's help and default (the progress bar is on
+    from the command line); an option's 'off' value (--grad-clip 0) is the field's None."""
+    import dataclasses
+
+    from multilevel_sde.cli import dataclass_values
+    from multilevel_sde.diffusion.train import TrainConfig
+
+    parsers, _ = _parsers()
+    train = dict(parsers)["mlsde train"]
+    options = {a.dest: a for a in train._actions}
+    for field in dataclasses.fields(TrainConfig):
+        action = options[field.name]
+        assert "--" + field.name.replace("_", "-") in action.option_strings
+        assert action.help == field.metadata["help"]
+        assert action.default == (True if field.name == "progress" else field.default), field.name
+    args = train.parse_args(["--out", "o", "--grad-clip", "0", "--eval-every", "0", "--no-ema-warmup"])
+    config = TrainConfig(**dataclass_values(args, TrainConfig))
+    assert config.grad_clip is None and config.eval_every is None and config.ema_warmup is False
+    assert config.checkpoint_every == TrainConfig().checkpoint_every
+

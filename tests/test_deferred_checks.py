@@ -1,17 +1,14 @@
-"""The steady paths of MultilevelDrift (batch coins as integer codes with statistics counted per coin pattern;
-per-sample coins worked out a block of steps at a time) give what the general path gives, and mlsde's own
-solvers check their state every CHECK_EVERY steps instead of every estimate, yet still name the level (or the
-noise, or the state) and the time when something turns NaN/inf."""
+"""mlsde's own solvers check their state every CHECK_EVERY steps instead of every estimate, yet still name the
+level (or the noise, or the state) and the time when something turns NaN/inf; a drift follows changes made to it
+between steps, and a level that fails leaves consistent statistics."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import multilevel_sde as mlsde
-from multilevel_sde.coins import UniformStream
-from multilevel_sde.solvers.euler import CHECK_EVERY
+from multilevel_sde.solvers.base import CHECK_EVERY
 
 DTYPE = torch.float64
 NAN, INF = float("nan"), float("inf")
@@ -25,103 +22,31 @@ def _y(batch: int = 5, d: int = 3) -> torch.Tensor:
     return torch.linspace(-1.0, 1.0, batch * d, dtype=DTYPE).reshape(batch, d)
 
 
-# -- integer coin codes ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("block", [7, 64, 1 << 14])  # refills mid-step, every few steps, rarely
-def test_next_code_draws_the_coins_of_float_comparisons_and_keeps_the_stream_in_step(block):
-    thresholds = np.array([0.5, 0.25, 0.9])
-    bits = np.array([2, 4, 16], dtype=np.int64)
-    coded = UniformStream(torch.Generator().manual_seed(3), block=block)
-    plain = UniformStream(torch.Generator().manual_seed(3), block=block)
-    for step in range(200):
-        expected = 1 + sum(int(b) for b, u, p in zip(bits, plain.numpy(3), thresholds) if u < p)
-        assert coded.next_code("key", thresholds, bits, 1) == expected
-        if step % 17 == 5:  # another request in between: both streams advance alike
-            assert np.array_equal(coded.numpy(4), plain.numpy(4))
-        if step % 29 == 11:  # another key starts a fresh block at the same position
-            assert coded.next_code("other", thresholds[:1], bits[:1], 0) == (2 if plain.numpy(1)[0] < 0.5 else 0)
-
-
-# -- the fast path against the general one ----------------------------------------------------------------------
-def _twins(p, coupling: str, levels=None, block: int = 1 << 14):
-    """A drift that takes the fast path and its twin kept on the general one by recording its coins."""
-    levels = _ladder(len(p)) if levels is None else levels
-    fast, general = (mlsde.MultilevelDrift(levels, p, costs=[3.0 ** m for m in range(len(p))], coupling=coupling,
-                                           seed=11) for _ in range(2))
-    general.record_coins(True)
-    for drift in (fast, general):
-        drift._uniforms = UniformStream(drift._generator, block=block)
-    return fast, general
-
-
-def _same_stats(a, b) -> None:
-    assert (a.steps, a.samples, a.evaluations, a.calls) == (b.steps, b.samples, b.evaluations, b.calls)
-    assert a.expected_cost == pytest.approx(b.expected_cost, rel=1e-12)
-    assert a.theory_cost == pytest.approx(b.theory_cost, rel=1e-12)
-
-
-@pytest.mark.parametrize("block", [40, 1 << 14])  # per-sample blocks of 2 steps (refills between), of 64 steps
-@pytest.mark.parametrize("coupling", ["batch", "sample"])
-@pytest.mark.parametrize("p", [[1.0, 0.5, 0.25, 0.125], [0.3, 1.0, 0.6, 1.0], [1.0] * 4])
-def test_fast_path_gives_the_general_paths_estimates_and_statistics(p, coupling, block):
-    fast, general = _twins(p, coupling, block=block)
-    y = _y()
-    with fast.track() as fast_solve, general.track() as general_solve:
-        for n in range(150):
-            assert torch.equal(fast.sample(0.01 * n, y, 0.01), general.sample(0.01 * n, y, 0.01))
-        per_sample = coupling == "sample" and min(p) < 1  # else one coin per level serves the whole batch
-        assert isinstance(fast._fast, mlsde._fast._FastSample if per_sample else mlsde._fast._FastBatch)
-        assert general._fast is None
-        mid = fast.stats  # reading the stats mid-way folds in what the fast path counted
-        assert mid.steps == 150 and mid.evaluations == general.stats.evaluations
-        for n in range(150, 170):
-            assert torch.equal(fast.sample(0.01 * n, y, 0.01), general.sample(0.01 * n, y, 0.01))
-    for a, b in ((fast.stats, general.stats), (fast_solve, general_solve)):
-        _same_stats(a, b)
-        assert all(w >= 0 for w in a.wall_time) and sum(a.wall_time) > 0
-    assert fast_solve.steps == 170
-
-
-def test_per_sample_fast_path_follows_changes_of_the_state_and_other_draws_of_the_stream():
-    """A new dtype, shape or batch size, and uniforms taken by someone else in between, start a fresh block
-    at the stream's position: the coins and estimates stay the general path's."""
-    fast, general = _twins([1.0, 0.5, 0.25], "sample")
-    states = [_y(), _y(), _y().float(), _y().float(), _y(7), _y(7), _y(5, 2).reshape(5, 1, 2), _y(5, 2).reshape(5, 1, 2),
-              _y(1), _y(1)]
-    for n, y in enumerate(states * 3):
-        assert torch.equal(fast.sample(0.0, y, 0.1), general.sample(0.0, y, 0.1))
-        if n % 5 == 4:
-            for drift in (fast, general):
-                drift._uniforms.numpy(3)  # another consumer of the stream
-    assert isinstance(fast._fast, mlsde._fast._FastSample)
-    _same_stats(fast.stats, general.stats)
-
-
-def test_fast_path_ends_when_the_drift_changes_and_keeps_its_counts():
+# -- changes and failures between steps -------------------------------------------------------------------------
+def test_a_new_schedule_takes_effect_and_the_counts_are_kept():
     drift = mlsde.MultilevelDrift(_ladder(2), [0.5, 1.0], costs=[1, 2], seed=0)
     y = _y()
     for _ in range(5):
         drift.sample(0.0, y, 0.1)
-    assert drift._fast is not None
-    drift.probabilities = mlsde.Constant([1.0, 1.0])  # any attribute set ends the fast path ...
-    assert drift._fast is None
-    assert drift.stats.steps == 5  # ... and keeps what it counted
+    drift.probabilities = mlsde.Constant([1.0, 1.0])
+    assert drift.stats.steps == 5
     assert torch.equal(drift.sample(0.0, y, 0.1), _ladder(2)[1](0.0, y))  # the new schedule is used
     drift.reset_stats()
     assert drift.stats.steps == 0
 
 
-def test_fast_path_follows_a_schedule_changed_in_place():
+def test_a_schedule_changed_in_place_takes_effect():
     schedule = mlsde.Constant([0.5, 1.0])
     drift = mlsde.MultilevelDrift(_ladder(2), schedule, costs=[1, 2], seed=0)
     y = _y()
     for _ in range(3):
         drift.sample(0.0, y, 0.1)
-    schedule.p.fill_(1.0)  # in place: the cache token changes
+    schedule.p.fill_(1.0)
     for _ in range(3):
         assert torch.equal(drift.sample(0.0, y, 0.1), _ladder(2)[1](0.0, y))
 
 
-def test_fast_path_counts_only_the_levels_that_ran_when_one_fails():
+def test_only_the_levels_that_ran_are_counted_when_one_fails():
     calls = {"n": 0}
 
     def flaky(t, y):
@@ -140,32 +65,31 @@ def test_fast_path_counts_only_the_levels_that_ran_when_one_fails():
 
 
 @pytest.mark.parametrize("failure", ["raises", "wrong shape"])
-def test_per_sample_fast_path_counts_only_the_levels_that_ran_when_one_fails(failure):
-    def flaky(calls):
-        def level(t, y):
-            calls["n"] += 1
-            if calls["n"] == 6:
-                if failure == "raises":
-                    raise RuntimeError("level blew up")
-                return y[:, :1]
-            return -y
-        return level
+def test_per_sample_coins_count_only_the_levels_that_ran_when_one_fails(failure):
+    returned = {"calls": 0, "samples": 0}
 
-    fast_calls, general_calls = {"n": 0}, {"n": 0}
-    fast, general = _twins([1.0, 0.5, 0.5], "sample")
-    for drift, calls in ((fast, fast_calls), (general, general_calls)):
-        drift.levels[2] = mlsde.drift._FunctionLevel(flaky(calls))
+    def level(t, y):
+        returned["n"] = returned.get("n", 0) + 1
+        if returned["n"] == 6:
+            if failure == "raises":
+                raise RuntimeError("level blew up")
+            return y[:, :1]
+        returned["calls"] += 1
+        returned["samples"] += y.shape[0]
+        return -y
+
+    drift = mlsde.MultilevelDrift(_ladder(2) + [level], [1.0, 0.5, 0.5], costs=[1, 2, 4], coupling="sample", seed=11)
     y = _y(8)
-    for drift in (fast, general):
-        with pytest.raises((RuntimeError, ValueError), match="blew up|returned shape"):
-            for _ in range(40):
-                drift.sample(0.0, y, 0.1)
-    assert fast._fast is not None
-    _same_stats(fast.stats, general.stats)
-    assert fast_calls == general_calls
-    for _ in range(10):  # and they go on in step
-        assert torch.equal(fast.sample(0.0, y, 0.1), general.sample(0.0, y, 0.1))
-    _same_stats(fast.stats, general.stats)
+    with pytest.raises((RuntimeError, ValueError), match="blew up|returned shape"):
+        for _ in range(40):
+            drift.sample(0.0, y, 0.1)
+    if failure == "wrong shape":  # it ran, so it is paid for, but its output was refused
+        returned["calls"] += 1
+        returned["samples"] += 1
+    assert drift.stats.calls[2] == returned["calls"] and drift.stats.evaluations[2] >= returned["samples"]
+    assert drift.stats.samples == drift.stats.steps * 8
+    for _ in range(10):  # and it goes on
+        drift.sample(0.0, y, 0.1)
 
 
 # -- deferred checks in the solvers -----------------------------------------------------------------------------
@@ -183,7 +107,8 @@ def test_sdeint_names_the_level_and_the_step_of_a_late_nan(coupling, value):
     sde = mlsde.MultilevelSDE(drift, 0.1)
     with pytest.raises(mlsde.NonFiniteError, match=rf"^level 2 returned NaN or inf at t={bad_step / steps:.6g}$"):
         mlsde.sdeint(sde, _y(), [0.0, 1.0], dt=1.0 / steps, seed=0)
-    assert drift._step_log is None and drift._trackers == []
+    with pytest.raises(mlsde.NonFiniteError, match="^level 2 returned NaN"):  # the solve's deferral has ended
+        drift.sample(1.0, _y(), 1.0 / steps)
 
 
 def test_odeint_names_the_level_and_the_step_backwards_in_time_too():
@@ -246,10 +171,7 @@ def test_a_solve_that_finds_nothing_wrong_equals_one_with_per_step_checks(coupli
     ys = {}
     for cls in (mlsde.MultilevelSDE, _PerStepChecks):
         drift = mlsde.MultilevelDrift(_ladder(3), [1.0, 0.5, 0.25], costs=[1, 2, 4], coupling=coupling)
-        calls = []
-        drift.levels[2].register_forward_hook(lambda *args: calls.append(drift._step_log))
         ys[cls] = mlsde.sdeint(cls(drift, 0.2, dt=0.01), _y(), [0.0, 0.5, 1.0], seed=4)
-        assert len(calls) > 10 and all((log is None) == (cls is _PerStepChecks) for log in calls)
     assert torch.equal(ys[mlsde.MultilevelSDE], ys[_PerStepChecks])
 
 
@@ -271,16 +193,3 @@ def test_a_schedule_changed_by_a_callback_takes_effect_at_the_next_step():
     drift = mlsde.MultilevelDrift([cheap, _ladder(2)[1]], schedule, costs=[1, 2], seed=0)
     mlsde.sdeint(mlsde.MultilevelSDE(drift, 0.1), _y(), [0.0, 1.0], dt=0.02, seed=0, callback=callback)
     assert len([n for n in cheap_calls if n < 10]) > 3 and not [n for n in cheap_calls if n >= 10]
-
-
-def test_fast_path_waits_for_a_plan_used_twice_in_a_row():
-    """A step-size-dependent schedule on a changing step size gets a new plan each step: no fast path churn;
-    a schedule that ignores the step size keeps one fast path across step sizes."""
-    per_time = mlsde.MultilevelDrift(_ladder(2), mlsde.InverseCost(0.5, per_unit_time=True), costs=[1, 2], seed=0)
-    fixed = mlsde.MultilevelDrift(_ladder(2), [0.5, 1.0], costs=[1, 2], seed=0)
-    y = _y()
-    for n in range(6):
-        per_time.sample(0.0, y, 0.1 if n % 2 else 0.2)
-        fixed.sample(0.0, y, 0.1 if n % 2 else 0.2)
-    assert per_time._fast is None and fixed._fast is not None
-    assert per_time.stats.steps == fixed.stats.steps == 6

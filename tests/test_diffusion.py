@@ -84,10 +84,10 @@ def test_em_on_a_respaced_grid_uses_the_summed_fine_noise():
     res = sample(LADDER[-1], SHAPE, batch=4, steps=25, schedule=sched, seed=3, dtype=torch.float64, costs=[1.0])
     grid = StepGrid(sched, respaced_timesteps(100, 25))
     x = initial_noise((4, *SHAPE), 3, dtype=torch.float64)
-    from multilevel_sde._random import derive_seed
-    from multilevel_sde.diffusion.sample import _STREAM_PATH
+    from multilevel_sde.random_streams import SAMPLE_BROWNIAN_PATH, derive_seed
 
-    bm = mlsde.GridBrownian(grid.fine_grid(), size=(4, 16), seed=derive_seed(3, _STREAM_PATH), dtype=torch.float64)
+    bm = mlsde.GridBrownian(grid.fine_grid(), size=(4, 16), seed=derive_seed(3, SAMPLE_BROWNIAN_PATH),
+                            dtype=torch.float64)
     for n in range(grid.num_steps):
         t = torch.full((4,), int(grid.t_from[n]))
         x0 = ((x - grid.sqrt_1m_ab[n] * LADDER[-1](x, t)) / grid.sqrt_ab[n]).clamp(-1, 1)

@@ -1,10 +1,9 @@
-"""The drift's hot paths: buffered coins, cached step plans and the host-side per-sample combination give
-the same coins and estimates as the plain tensor computation they replace."""
+"""The drift's one accelerated path (``accelerate=True``: each coin pattern's levels and coefficients worked out
+once per value of p) gives the reference step's estimates and statistics bit for bit; coins are the uniforms of
+the seed; the host and the differentiable arithmetic agree."""
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import multilevel_sde as mlsde
 from helpers import DTYPE, affine_ladder
@@ -12,15 +11,47 @@ from helpers import DTYPE, affine_ladder
 D = 3
 
 
-@settings(max_examples=20, deadline=None, derandomize=True)
-@given(sizes=st.lists(st.integers(0, 700), min_size=1, max_size=12), block=st.integers(1, 512),
-       seed=st.integers(0, 10_000))
-def test_uniform_stream_hands_out_the_generators_own_sequence(sizes, block, seed):
-    stream = mlsde.coins.UniformStream(torch.Generator().manual_seed(seed), block=block)
-    got = [stream.tensor(n).clone() if i % 2 else torch.from_numpy(stream.numpy(n).copy())
-           for i, n in enumerate(sizes)]
-    expected = torch.rand(sum(sizes), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    assert torch.equal(torch.cat(got), expected)
+def _both(levels, p, **kwargs):
+    return [mlsde.MultilevelDrift(levels, p, accelerate=fast, **kwargs) for fast in (True, False)]
+
+
+def _same_stats(a: mlsde.Stats, b: mlsde.Stats) -> None:
+    assert (a.steps, a.samples, a.evaluations, a.calls) == (b.steps, b.samples, b.evaluations, b.calls)
+    assert (a.expected_cost, a.theory_cost) == (b.expected_cost, b.theory_cost)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("base", [None, "base"])
+@pytest.mark.parametrize("coins", ["independent", "comonotone", "stratified"])
+@pytest.mark.parametrize("coupling", ["batch", "sample"])
+@pytest.mark.parametrize("p", [[1.0, 0.5, 0.25, 0.125], [0.3, 1.0, 0.6, 1.0], [1.0] * 4, [0.9, 0.4, 0.2, 0.05]])
+def test_the_accelerated_path_gives_the_reference_estimates_bit_for_bit(p, coupling, coins, base, dtype):
+    levels, _, _ = affine_ladder(4, D, 3)
+    levels = [(lambda t, y, f=f: f(t, y.double()).to(y.dtype)) for f in levels]
+    base = (lambda t, y: 0.5 * y) if base else None
+    fast, reference = _both(levels, p, costs=[1, 3, 9, 27], coupling=coupling, coins=coins, base=base, seed=7)
+    y = torch.randn(6, D, generator=torch.Generator().manual_seed(1), dtype=DTYPE).to(dtype)
+    with fast.track() as fast_solve, reference.track() as reference_solve:
+        for n in range(120):
+            a, b = fast.sample(0.01 * n, y, 0.01), reference.sample(0.01 * n, y, 0.01)
+            assert torch.equal(a, b), f"step {n}"
+            y = y + 0.01 * a
+    _same_stats(fast.stats, reference.stats)
+    _same_stats(fast_solve, reference_solve)
+
+
+@pytest.mark.parametrize("coupling", ["batch", "sample"])
+def test_the_switch_changes_no_solve(coupling):
+    levels, _, _ = affine_ladder(3, D, 5)
+    y0 = torch.randn(8, D, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
+    out = {}
+    for fast in (True, False):
+        drift = mlsde.MultilevelDrift(levels, mlsde.InverseCost(2.0, per_unit_time=True), costs=[1, 4, 16],
+                                      coupling=coupling, accelerate=fast)
+        out[fast] = mlsde.sdeint(mlsde.MultilevelSDE(drift, 0.3), y0, [0.0, 0.5, 1.0], dt=0.01, seed=3,
+                                 return_stats=True)
+    assert torch.equal(out[True][0], out[False][0])
+    _same_stats(out[True][1], out[False][1])
 
 
 @pytest.mark.parametrize("p", [[0.7, 1.0, 0.2], [1.0, 0.7, 0.2]], ids=["certain-between", "certain-first"])
@@ -52,9 +83,9 @@ def test_every_p_one_draws_no_uniform_and_is_the_top_level():
     for coupling in ("batch", "sample"):
         drift = mlsde.MultilevelDrift(levels, [1.0, 1.0, 1.0], costs=[1, 2, 4], coupling=coupling, seed=2)
         drift.record_coins()
-        state = drift._generator.get_state()
+        state = drift.coins.generator.get_state()
         assert torch.equal(drift.sample(0.3, x, 0.1), levels[-1](0.3, x))
-        assert torch.equal(drift._generator.get_state(), state)
+        assert torch.equal(drift.coins.generator.get_state(), state)
         expected_shape = (1, 3) if coupling == "batch" else (1, 3, 4)
         assert drift.recorded_coins().shape == expected_shape and drift.recorded_coins().all()
 
@@ -62,8 +93,8 @@ def test_every_p_one_draws_no_uniform_and_is_the_top_level():
 @pytest.mark.parametrize("per_sample_t", [False, True])
 @pytest.mark.parametrize("with_base", [False, True])
 def test_host_combination_equals_the_differentiable_one(per_sample_t, with_base):
-    """Per-sample coins: the host (numpy) path used without gradients and the tensor path used when p carries
-    a gradient give the same estimate for the same coins, sub-batches, base level and per-sample times."""
+    """Per-sample coins: probabilities without a gradient and the same probabilities with one give the same
+    estimate for the same coins, sub-batches, base level and per-sample times."""
     levels, _, _ = affine_ladder(4, D, 2)
     batch, steps = 9, 12
     base = (lambda t, y: 0.5 * y) if with_base else None
@@ -88,12 +119,13 @@ def test_host_combination_equals_the_differentiable_one(per_sample_t, with_base)
 
 @pytest.mark.parametrize("with_base", [False, True])
 def test_batch_recipes_give_the_differentiable_estimate_for_every_coin_pattern(with_base):
-    """One coin per level: the float path (levels and coefficients worked out once per coin pattern and cached)
-    and the tensor path used when p carries a gradient agree on every pattern, first and cached use alike."""
+    """One coin per level: the accelerated path (levels and float coefficients kept per coin pattern) and the
+    tensor arithmetic used when p carries a gradient agree on every pattern, first and later use alike, also
+    when the base changes after the patterns were seen."""
     levels, _, _ = affine_ladder(4, D, 2)
     base = (lambda t, y: 0.5 * y) if with_base else None
     patterns = torch.tensor([[(i >> j) & 1 for j in range(4)] for i in range(16)], dtype=torch.bool)
-    pattern = torch.cat([patterns] * 3)  # later passes reuse the cached recipes
+    pattern = torch.cat([patterns] * 3)  # later passes reuse the kept recipes
     attached = mlsde.Sigmoid(a=torch.tensor([0.5, -0.3, -1.0, 0.2], dtype=DTYPE), floor=0.05)
     t = torch.tensor(0.4, dtype=DTYPE)
     fixed = mlsde.Constant(attached(t, 0.1, None).detach())
@@ -105,16 +137,13 @@ def test_batch_recipes_give_the_differentiable_estimate_for_every_coin_pattern(w
         assert not fast.requires_grad and slow.requires_grad
         torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-12)
     assert host.stats.evaluations == graph.stats.evaluations
-    (plan,) = host._plan_cache.values()
-    assert len(plan.recipes) == (16 if with_base else 15)  # no coin and no base: 0, with no recipe
-    host.base, graph.base = (None, None) if with_base else ((lambda t, y: 0.5 * y),) * 2  # changed after caching
+    host.base, graph.base = (None, None) if with_base else ((lambda t, y: 0.5 * y),) * 2  # changed after use
     for n in range(16):
         torch.testing.assert_close(host.sample(t, x, 0.1), graph.sample(t, x, 0.1).detach(), rtol=1e-12, atol=1e-12)
 
 
-def test_step_plans_follow_changes_of_the_schedule():
-    """A time-independent schedule's probabilities are reused between steps, yet an attribute set or a
-    tensor changed in place takes effect at the next step."""
+def test_changes_of_the_schedule_take_effect_at_the_next_step():
+    """An attribute set or a tensor changed in place takes effect at the next step."""
     levels, _, _ = affine_ladder(2, D, 4)
     x = torch.randn(3, D, dtype=DTYPE)
     schedule = mlsde.Constant([1.0, 1.0])
@@ -134,28 +163,18 @@ def test_step_plans_follow_changes_of_the_schedule():
     drift.reset_stats()
     drift.sample(0.0, x, 0.1)
     assert drift.stats.expected_cost == pytest.approx(3 * 4.0)
+    drift.set_costs([1.0, 2.0])  # new costs: p = (1, 1) still, the expected cost follows
+    drift.reset_stats()
+    drift.sample(0.0, x, 0.1)
+    assert drift.stats.expected_cost == pytest.approx(3 * 2.0)
+    drift.coins = "comonotone"  # another scheme: its own evaluation rule, from the drift's seed
+    drift.probabilities = mlsde.Constant([0.5, 0.25])
+    drift.reset_stats()
+    drift.sample(0.0, x, 0.1)
+    assert drift.stats.expected_cost == pytest.approx(3 * (1.0 * 0.5 + 2.0 * 0.25))
 
 
-def test_step_plans_are_computed_once_per_step_size():
-    calls = []
-
-    def per_unit_time(t, dt, costs):
-        calls.append(dt)
-        return torch.clamp(torch.tensor([3.0, 1.0], dtype=torch.float64) * dt, max=1.0)
-
-    per_unit_time.time_dependent = False
-    levels, _, _ = affine_ladder(2, D, 5)
-    drift = mlsde.MultilevelDrift(levels, per_unit_time, costs=[1, 2], seed=0)
-    x = torch.randn(2, D, dtype=DTYPE)
-    for dt in [0.1, 0.2] * 10:  # two alternating step sizes (a uniform grid's rounding does this)
-        drift.sample(0.0, x, dt)
-    assert calls == [0.1, 0.2]
-    for i in range(600):  # a long non-uniform grid: the cache stays bounded
-        drift.sample(0.0, x, 0.001 * (i + 1))
-    assert len(drift._plan_cache) <= 256
-
-
-def test_per_sample_times_with_a_new_batch_size_get_their_own_plan():
+def test_per_sample_times_with_a_new_batch_size_get_their_own_probabilities():
     levels, _, _ = affine_ladder(2, D, 6)
     drift = mlsde.MultilevelDrift(levels, [1.0, 1.0], costs=[1, 2], coupling="sample", seed=0)
     for batch in (4, 7, 4):
@@ -163,40 +182,11 @@ def test_per_sample_times_with_a_new_batch_size_get_their_own_plan():
         assert torch.equal(drift.sample(t, x, 0.1), levels[-1](t, x))  # every row, not the first 4 only
 
 
-@settings(max_examples=25, deadline=None, derandomize=True)
-@given(coefficients=st.lists(st.sampled_from([1.0, -1.0, 2.0, 0.0, 0.5, 8.0]), min_size=1, max_size=5))
-def test_linear_combination_is_the_sum_and_leaves_the_levels_outputs_alone(coefficients):
-    from multilevel_sde.drift import _combine_ordered, _start_with_unit
-
-    gen = torch.Generator().manual_seed(len(coefficients))
-    outputs = [torch.randn(4, D, generator=gen, dtype=DTYPE) for _ in coefficients]
-    before = [f.clone() for f in outputs]
-    total = _combine_ordered(_start_with_unit(list(enumerate(coefficients))), outputs)
-    torch.testing.assert_close(total, sum(c * f for f, c in zip(outputs, coefficients)), rtol=1e-14, atol=1e-14)
-    assert all(torch.equal(f, b) for f, b in zip(outputs, before))
-
-
-@settings(max_examples=40, deadline=None, derandomize=True)
-@given(coefficients=st.lists(st.sampled_from([-8.0, -4.0, -2.0, -1.0, 0.0, 2.0, 4.0, 8.0]), min_size=1, max_size=4))
-def test_lerp_chain_sums_to_one_term_less_and_keeps_a_nan(coefficients):
-    """Coefficients that sum to 1 with none equal to 1 (the usual ML-EM step when p_1 = 1): a chain of lerps
-    gives the weighted sum with one tensor operation fewer, and a NaN in any term, even one with weight 0."""
-    from multilevel_sde.drift import _BatchRecipe, _combine, _lerp_chain, _start_with_unit
-
-    coefficients = coefficients + [1.0 - sum(coefficients)]  # the last one makes the sum 1
-    terms = list(enumerate(coefficients))
-    chain = _lerp_chain(terms)
-    if 1.0 in coefficients:
-        assert chain is None
-        return
-    assert chain is not None and len(chain[1]) == len(terms) - 1
-    gen = torch.Generator().manual_seed(len(coefficients))
-    outputs = [torch.randn(4, D, generator=gen, dtype=DTYPE) for _ in coefficients]
-    before = [f.clone() for f in outputs]
-    recipe = _BatchRecipe(evaluate=[], terms=_start_with_unit(terms), chain=chain, modules=[])
-    expected = sum(c * f for f, c in zip(outputs, coefficients))
-    torch.testing.assert_close(_combine(recipe, outputs), expected, rtol=1e-13, atol=1e-12)
-    assert all(torch.equal(f, b) for f, b in zip(outputs, before))  # the levels' outputs are left alone
-    outputs[-1] = outputs[-1].clone()
-    outputs[-1][0, 0] = float("nan")
-    assert torch.isnan(_combine(recipe, outputs)[0, 0])
+def test_a_scheme_given_to_two_drifts_keeps_two_streams():
+    levels, _, _ = affine_ladder(2, D, 7)
+    scheme = mlsde.StratifiedCoins()
+    x = torch.randn(4, D, dtype=DTYPE)
+    a = mlsde.MultilevelDrift(levels, [0.3, 0.6], costs=[1, 2], coins=scheme, seed=5)
+    b = mlsde.MultilevelDrift(levels, [0.3, 0.6], costs=[1, 2], coins=scheme, seed=5)
+    first = [a.sample(0.0, x, 0.1) for _ in range(10)]
+    assert all(torch.equal(f, b.sample(0.0, x, 0.1)) for f in first)

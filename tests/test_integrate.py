@@ -250,7 +250,7 @@ def test_sdeint_reads_a_grid_brownian_by_index(monkeypatch):
     y0 = torch.randn(4, D, generator=torch.Generator().manual_seed(1))
     ts = torch.tensor([0.0, 0.45, 1.0])
     bm = mlsde.GridBrownian(t0=0.0, t1=1.0, dt=0.01, size=(4, D), seed=6)
-    assert not np.array_equal(mlsde.solvers.grid.uniform_grid(0.0, 1.0, 0.01, np.float32).astype(np.float64), bm.times)
+    assert not np.array_equal(mlsde.grid.uniform_grid(0.0, 1.0, 0.01, np.float32).astype(np.float64), bm.times)
     for dt in (0.01, 0.03):
         theirs = torchsde.sdeint(sde, y0, ts, bm=bm, method="euler", dt=dt)
         queries = []

@@ -10,7 +10,7 @@ import torch
 import multilevel_sde as mlsde
 from helpers import DTYPE
 from multilevel_sde import learning as L
-from multilevel_sde._random import derive_seed
+from multilevel_sde.random_streams import derive_seed
 from multilevel_sde.problems import OrnsteinUhlenbeck, htmc_ladder, perturbed_ladder
 
 N_SE = 5.0

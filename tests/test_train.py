@@ -238,6 +238,49 @@ def test_learning_rate_warms_up_holds_and_decays_towards_zero(tmp_path):
     assert logged == pytest.approx([lrs[4], lrs[9], lrs[14], lrs[19]])
 
 
+def test_lambda_lr_and_averaged_model_give_the_documented_numbers_exactly():
+    """The optimiser's rate is learning_rate's float, also where warm-up and decay overlap (a factor times lr
+    would round differently there), and the AveragedModel EMA is the documented lerp, bit for bit."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from multilevel_sde.diffusion.train.loop import ema_model, lr_scheduler
+
+    cfg = small_config(steps=12, lr=3e-3, warmup=8, decay=8, ema_decay=0.9)
+    model = TinyEps()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    for start in (0, 5):  # a fresh run and one resumed at step 5
+        scheduler = lr_scheduler(optimizer, cfg, start)
+        rates = []
+        for _ in range(start, cfg.steps):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert rates == [learning_rate(cfg, n) for n in range(start, cfg.steps)]
+
+    ema = ema_model(model, cfg)
+    assert isinstance(ema, AveragedModel) and not ema.training
+    expected = [p.detach().clone() for p in model.parameters()]
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * (step + 1))
+        ema.update_parameters(model)
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        expected = [torch.lerp(e, p.detach(), 1.0 - decay) for e, p in zip(expected, model.parameters())]
+        assert all(torch.equal(a, b) for a, b in zip(ema.module.parameters(), expected)), step
+
+
+def test_random_streams_keep_their_recorded_ids():
+    """Every recorded result depends on these ids: they never change (multilevel_sde.random_streams)."""
+    from multilevel_sde import random_streams as rs
+
+    ids = {name: getattr(rs, name) for name in rs.__all__ if name.isupper()}
+    assert ids == {"STREAM_COINS": 0, "STREAM_BROWNIAN": 1, "SAMPLE_INITIAL_NOISE": 10, "SAMPLE_BROWNIAN_PATH": 11,
+                   "SAMPLE_COINS": 12, "TRAIN_BATCH_ORDER": 20, "TRAIN_TIMES": 21, "TRAIN_NOISE": 22,
+                   "TRAIN_HELDOUT": 23, "LEVEL_DIFFERENCES": 24, "EXPERIMENT_SELECTION": 1_000_003}
+    assert len(set(ids.values())) == len(ids)
+
+
 def test_resuming_a_checkpoint_written_before_decay_existed_warns_of_nothing(tmp_path):
     train, held = toy_data()
     train_level(TinyEps(), train, held, small_config(steps=3), tmp_path)

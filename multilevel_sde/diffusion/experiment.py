@@ -40,7 +40,7 @@ from ..scaling import estimate_gamma
 from ..sde import MultilevelSDE
 from .data import save_image_grid
 from .levels import DenoiserLevel
-from .sample import _diffusion_of, brownian_path, build_drift, initial_noise, sample
+from .sample import diffusion_of, brownian_path, build_drift, initial_noise, sample
 from .schedule import NoiseSchedule, StepGrid, respaced_timesteps
 from .stitch import stitch_sample
 from .unet import unet_flops
@@ -419,7 +419,7 @@ class Experiment:
         for steps in cfg.mlem_steps:
             grid = StepGrid(self.schedule, respaced_timesteps(self.schedule.T, steps), sampler)
             levels = [DenoiserLevel(self.models[i], grid, self.image_shape, device=self.device) for i in nets]
-            diffusion = _diffusion_of(grid, self.device) if sampler == "ddpm" else 0.0
+            diffusion = diffusion_of(grid, self.device) if sampler == "ddpm" else 0.0
             pilot = Adaptive.pilot(levels, x_T, float(grid.times[0]), float(grid.times[-1]), None, diffusion,
                                    seed=chunk_seed, grid=grid.times)
             scales = []
@@ -453,7 +453,7 @@ class Experiment:
         start_p = fixed_probabilities(costs, float(np.median(cfg.p_top)))
         drift = build_drift([self.models[i] for i in nets], grid, self.image_shape, Constant(start_p), costs,
                             "sample", device=self.device, seed=sel_seed)
-        problem = LearningProblem(drift, MultilevelSDE(drift, _diffusion_of(grid, self.device)), grid=grid.times)
+        problem = LearningProblem(drift, MultilevelSDE(drift, diffusion_of(grid, self.device)), grid=grid.times)
         n = cfg.select
         # learning runs on the whole selection set at once, so the set is one chunk whatever the held-out batch:
         # its noise and path come from that chunk's seed, as in its reference

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .levels import _unwrap
+from .levels import unwrap_output
 from .schedule import NoiseSchedule, same_schedule
 
 __all__ = ["DiffusersModel", "KDiffusionModel", "diffusers_schedule", "is_diffusers_folder", "load_diffusers_level",
@@ -215,7 +215,7 @@ class DiffusersModel(_Adapter):
         if self.class_labels is not None:
             labels = torch.as_tensor(self.class_labels, device=x_t.device)
             kwargs["class_labels"] = labels.expand(x_t.shape[0]) if labels.dim() == 0 else labels
-        out = _unwrap(self.model(x_t, t.to(x_t.device).long() - 1, **kwargs))
+        out = unwrap_output(self.model(x_t, t.to(x_t.device).long() - 1, **kwargs))
         if out.shape[1] == 2 * x_t.shape[1]:  # learned variance: the prediction is the first half
             out = out[:, : x_t.shape[1]]
         return out
@@ -278,7 +278,7 @@ class KDiffusionModel(_Adapter):
         ab = self.alpha_bar[t.to(self.alpha_bar.device).long()]
         sigma = ((1 - ab) / ab).sqrt().to(x_t.device, x_t.dtype)
         sqrt_ab = ab.sqrt().to(x_t.device, x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
-        return _unwrap(self.denoiser(x_t / sqrt_ab, sigma))
+        return unwrap_output(self.denoiser(x_t / sqrt_ab, sigma))
 
 
 def _read_json(path: Path) -> Optional[dict]:

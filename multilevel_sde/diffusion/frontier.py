@@ -34,7 +34,7 @@ Point = Mapping[str, object]
 Frontier = list[tuple[float, float]]
 
 
-def _positive(value) -> bool:
+def is_positive(value) -> bool:
     try:
         x = float(value)
     except (TypeError, ValueError):
@@ -42,7 +42,7 @@ def _positive(value) -> bool:
     return math.isfinite(x) and x > 0
 
 
-def _unique(values: Iterable) -> list:
+def unique(values: Iterable) -> list:
     """``values`` without repeats, in order of first appearance."""
     return list(dict.fromkeys(values))
 
@@ -51,7 +51,7 @@ def pareto_frontier(points: Iterable[Point], cost_key: str) -> Frontier:
     """The ``(cost, mse)`` pairs of ``points`` with strictly smaller mse than every cheaper point, by increasing
     cost; points whose cost or mse is missing, non-finite or non-positive are ignored."""
     pairs = sorted((float(p[cost_key]), float(p["mse"])) for p in points
-                   if _positive(p.get(cost_key)) and _positive(p.get("mse")))
+                   if is_positive(p.get(cost_key)) and is_positive(p.get("mse")))
     frontier: Frontier = []
     for cost, mse in pairs:
         if not frontier or mse < frontier[-1][1]:
@@ -163,7 +163,7 @@ def summarise(points: Sequence[Point], thresholds: Mapping[str, float], cost_key
     ``thresholds`` gets threshold 0. JSON-serialisable (nan included).
     """
     summary = {}
-    for sampler in _unique(p["sampler"] for p in points):
+    for sampler in unique(p["sampler"] for p in points):
         mine = [p for p in points if p["sampler"] == sampler]
         em = [p for p in mine if p["family"] == "em"]
         baselines = {"all": em, "protocol": [p for p in em if p.get("protocol")]}
@@ -172,7 +172,7 @@ def summarise(points: Sequence[Point], thresholds: Mapping[str, float], cost_key
         at_mse = top_mse if top_mse > threshold else math.nan
         methods = [p for p in mine if p["family"] in METHOD_FAMILIES]
         curves, families = {}, {}
-        for name in _unique(p["curve"] for p in methods):
+        for name in unique(p["curve"] for p in methods):
             method = [p for p in methods if p["curve"] == name]
             families[name] = str(method[0]["family"])
             curves[name] = {key: {frontier: _speedup_entry(baseline, method, key, threshold, at_mse)

@@ -109,7 +109,8 @@ def _check_model(model, prediction: Optional[str], grid: StepGrid) -> Optional[s
     return prediction or "eps"
 
 
-def _unwrap(out):
+def unwrap_output(out) -> torch.Tensor:
+    """A network's output as a tensor: itself, the ``.sample`` of a diffusers output, or a tuple's first tensor."""
     if isinstance(out, torch.Tensor):
         return out
     if hasattr(out, "sample"):  # diffusers' UNet2DOutput
@@ -167,9 +168,9 @@ class DenoiserLevel(nn.Module):
             x0 = self.model.predict_x0(x, look.t_from[steps])
         elif self.prediction == "k-diffusion":
             sqrt_ab = look.coef("sqrt_ab", steps, x)
-            x0 = _unwrap(self.model(x / sqrt_ab, look.ve_sigma[steps].to(x.dtype)))
+            x0 = unwrap_output(self.model(x / sqrt_ab, look.ve_sigma[steps].to(x.dtype)))
         else:
-            out = _unwrap(self.model(x, look.t_from[steps]))
+            out = unwrap_output(self.model(x, look.t_from[steps]))
             if self.prediction == "x0":
                 x0 = out
             else:

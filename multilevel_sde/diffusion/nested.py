@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .unet import AUTOCAST_DTYPES, SeparableUNet, _check_int, timestep_embedding
+from .unet import AUTOCAST_DTYPES, SeparableUNet, check_int, timestep_embedding
 
 __all__ = ["NestedUNet", "NestedLevel", "nested_loss", "NESTED_PRESETS", "build_nested"]
 
@@ -65,7 +65,7 @@ class NestedUNet(nn.Module):
                  bottom_depth: int = 2, mid_depth: int = 2, time_dim: Optional[int] = None, groups: int = 8,
                  seed: Optional[int] = 0, autocast: Optional[str] = None):
         super().__init__()
-        widths = [_check_int(w, "widths", 1) for w in widths]
+        widths = [check_int(w, "widths", 1) for w in widths]
         if len(widths) < 1 or any(b <= a for a, b in zip(widths, widths[1:])):
             raise ValueError(f"widths must be increasing positive integers, got {widths!r}")
         self.net = SeparableUNet(in_channels, widths[-1], num_downsamples, bottom_depth, mid_depth, time_dim,

@@ -17,7 +17,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .frontier import _positive, _unique
+from .frontier import is_positive, unique
 
 __all__ = ["plot_error_vs_cost", "plot_speedup", "plot_gamma", "write_report", "write_all", "COST_LABELS"]
 
@@ -58,8 +58,8 @@ def plot_error_vs_cost(points: Sequence[Mapping], sampler: str, cost_key: str, p
     ``_MAX_LABELLED_CURVES`` curves the styles say what a curve is (``_CurveStyles``)."""
     fig, ax = _figure()
     mine = [p for p in points if p["sampler"] == sampler and p["family"] != "reference"
-            and _positive(p.get(cost_key)) and _positive(p.get("mse"))]
-    names = _unique(p["curve"] for p in mine)
+            and is_positive(p.get(cost_key)) and is_positive(p.get("mse"))]
+    names = unique(p["curve"] for p in mine)
     styles = _CurveStyles(names) if len(names) > _MAX_LABELLED_CURVES else None
     markers = itertools.cycle(_MARKERS)
     for name in names:
@@ -74,7 +74,7 @@ def plot_error_vs_cost(points: Sequence[Mapping], sampler: str, cost_key: str, p
                 linewidth=1.2, **style)
     if styles is not None:
         styles.legend_entries(ax)
-    if threshold is not None and _positive(threshold):
+    if threshold is not None and is_positive(threshold):
         ax.axhline(float(threshold), color="k", linestyle=":", linewidth=1, label=f"threshold {threshold:.3g}")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -95,7 +95,7 @@ class _CurveStyles:
 
     def __init__(self, names: Sequence[str]):
         parsed = [_CURVE_NAME.match(n) for n in names]
-        methods = _unique(n if m is None else (m["strategy"] or "T-Stitch") for n, m in zip(names, parsed))
+        methods = unique(n if m is None else (m["strategy"] or "T-Stitch") for n, m in zip(names, parsed))
         grids = sorted({int(m["steps"]) for m in parsed if m is not None}, reverse=True)
         colours = [f"C{i % 10}" for i in range(len(methods))]
         self.colour = dict(zip(methods, colours))
@@ -132,7 +132,7 @@ def plot_speedup(summary: Mapping, sampler: str, cost_key: str, path: PathLike) 
             dashed = entry.get("families", {}).get(name) == "tstitch"
             ax.plot(curve["mse"], curve["speedup"], label=name, linewidth=1.2, linestyle="--" if dashed else "-")
     ax.axhline(1.0, color="k", linewidth=0.8)
-    if _positive(entry.get("top500_mse")):
+    if is_positive(entry.get("top500_mse")):
         ax.axvline(entry["top500_mse"], color="gray", linestyle=":", linewidth=1, label="EM-top-500 MSE")
     ax.set_xscale("log")
     ax.set_xlabel("MSE to reference")
@@ -338,7 +338,7 @@ def write_all(results: dict, out_dir: PathLike) -> list[Path]:
     points, summary = results.get("points") or [], results.get("summary") or {}
     thresholds = results.get("thresholds") or {}
     names = []
-    for sampler in _unique(p["sampler"] for p in points):
+    for sampler in unique(p["sampler"] for p in points):
         for cost_key, stem in (("flops", "error_flops"), ("seconds", "error_time")):
             names.append(f"{stem}_{sampler}.png")
             plot_error_vs_cost(points, sampler, cost_key, out / names[-1], threshold=thresholds.get(sampler))
@@ -348,6 +348,6 @@ def write_all(results: dict, out_dir: PathLike) -> list[Path]:
     if results.get("gamma"):
         names.append("gamma.png")
         plot_gamma(results["gamma"], out / names[-1])
-    results["figures"] = _unique(list(results.get("figures") or []) + names)
+    results["figures"] = unique(list(results.get("figures") or []) + names)
     write_report(results, out / "report.md")
     return [out / name for name in names] + [out / "report.md"]

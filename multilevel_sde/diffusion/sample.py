@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._random import check_seed, derive_seed, fresh_seed, make_generator
+from ..random_streams import (SAMPLE_BROWNIAN_PATH, SAMPLE_COINS, SAMPLE_INITIAL_NOISE, check_seed, derive_seed,
+                              fresh_seed, make_generator)
 from ..brownian import GridBrownian
 from ..drift import MultilevelDrift
 from ..integrate import odeint, sdeint
@@ -30,7 +31,6 @@ from .schedule import NoiseSchedule, StepGrid, respaced_timesteps
 __all__ = ["sample", "SampleResult", "initial_noise", "brownian_path", "BASES"]
 
 BASES = ("zero", "linear")
-_STREAM_XT, _STREAM_PATH, _STREAM_COINS = 10, 11, 12
 
 
 @dataclass
@@ -47,7 +47,7 @@ class SampleResult:
 
 def initial_noise(shape: Sequence[int], seed: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """``x_T ~ N(0, I)`` of ``shape`` from the stream of ``seed`` shared by every method."""
-    gen = make_generator(derive_seed(seed, _STREAM_XT), device or "cpu")
+    gen = make_generator(derive_seed(seed, SAMPLE_INITIAL_NOISE), device or "cpu")
     return torch.randn(tuple(shape), generator=gen, device=device, dtype=dtype)
 
 
@@ -55,11 +55,11 @@ def brownian_path(grid: StepGrid, batch: int, dim: int, seed: int, device=None,
                   dtype=torch.float32) -> GridBrownian:
     """The fine Brownian path of ``seed``'s stream on ``grid``'s fine grid, shape ``(batch, dim)``: the path
     every method sampled with ``seed`` shares (``initial_noise`` gives the matching ``x_T``)."""
-    return GridBrownian(grid.fine_grid(), size=(batch, dim), seed=derive_seed(seed, _STREAM_PATH), dtype=dtype,
-                        device=device or "cpu")
+    return GridBrownian(grid.fine_grid(), size=(batch, dim), seed=derive_seed(seed, SAMPLE_BROWNIAN_PATH),
+                        dtype=dtype, device=device or "cpu")
 
 
-def _diffusion_of(grid: StepGrid, device):
+def diffusion_of(grid: StepGrid, device):
     """``g(s) = sigma_n / sqrt(h_n)`` on step ``n``, so that ``g dW = sigma_n z`` with ``z = dW / sqrt(h_n)``."""
     g = torch.as_tensor(grid.sigma / np.sqrt(grid.h), dtype=torch.float64, device=device)
     mids = torch.as_tensor((grid.times[:-1] + grid.times[1:]) / 2, dtype=torch.float64, device=device)
@@ -161,7 +161,7 @@ def sample(
                                 callback=step_callback)
         else:
             bm = brownian_path(grid, batch, y0.shape[1], seed, device, dtype)
-            sde = MultilevelSDE(drift, _diffusion_of(grid, device))
+            sde = MultilevelSDE(drift, diffusion_of(grid, device))
             out, stats = sdeint(sde, y0, ts, bm=bm, grid=times, return_stats=True, progress=progress,
                                 callback=step_callback)
     _synchronize(device)
@@ -186,7 +186,7 @@ def build_drift(models, grid: StepGrid, image_shape, probabilities=None, costs=N
         costs = None if costs is None else list(costs)[-1:]
     return MultilevelDrift(levels, probabilities, costs=costs, coupling=coupling, coins=coins,
                            base=LinearPart(grid, device) if base == "linear" else None,
-                           seed=derive_seed(seed, _STREAM_COINS))
+                           seed=derive_seed(seed, SAMPLE_COINS))
 
 
 def _synchronize(device: torch.device) -> None:

@@ -85,7 +85,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._random import fresh_seed
+from ..random_streams import fresh_seed
 
 __all__ = ["SeparableUNet", "SepConv", "ResBlock", "PRESETS", "build_unet", "unet_flops", "ladder_presets",
            "preset_flops", "init_weights", "auto_num_downsamples", "timestep_embedding", "AUTOCAST_DTYPES"]
@@ -96,7 +96,7 @@ MAX_DOWNSAMPLES = 4
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def _check_int(value, name: str, minimum: int) -> int:
+def check_int(value, name: str, minimum: int) -> int:
     try:
         number = operator.index(value)  # ints and numpy integers, not floats
     except TypeError:
@@ -264,13 +264,13 @@ class SeparableUNet(nn.Module):
                  seed: Optional[int] = 0, autocast: Optional[str] = None, *,
                  generator: Optional[torch.Generator] = None, device=None):
         super().__init__()
-        in_channels = _check_int(in_channels, "in_channels", 1)
-        d = _check_int(base_channels, "base_channels", 1)
-        n = _check_int(num_downsamples, "num_downsamples", 0)
-        bottom_depth = _check_int(bottom_depth, "bottom_depth", 0)
-        mid_depth = _check_int(mid_depth, "mid_depth", 0)
-        time_dim = max(32, 4 * d) if time_dim is None else _check_int(time_dim, "time_dim", 2)
-        groups = _check_int(groups, "groups", 1)
+        in_channels = check_int(in_channels, "in_channels", 1)
+        d = check_int(base_channels, "base_channels", 1)
+        n = check_int(num_downsamples, "num_downsamples", 0)
+        bottom_depth = check_int(bottom_depth, "bottom_depth", 0)
+        mid_depth = check_int(mid_depth, "mid_depth", 0)
+        time_dim = max(32, 4 * d) if time_dim is None else check_int(time_dim, "time_dim", 2)
+        groups = check_int(groups, "groups", 1)
         if autocast is not None and autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast must be None or one of {sorted(AUTOCAST_DTYPES)}, got {autocast!r}")
         if generator is not None:
@@ -278,7 +278,7 @@ class SeparableUNet(nn.Module):
         elif seed is None:
             seed = fresh_seed()
         else:
-            seed = _check_int(seed, "seed", 0)
+            seed = check_int(seed, "seed", 0)
         self._config = dict(in_channels=in_channels, base_channels=d, num_downsamples=n,
                             bottom_depth=bottom_depth, mid_depth=mid_depth, time_dim=time_dim, groups=groups,
                             seed=seed, autocast=autocast)

@@ -50,7 +50,7 @@ import torch
 
 from ..sde import MultilevelSDE
 from .ladders import Ladder
-from .linear import _number
+from .linear import as_number
 
 __all__ = ["GaussianMixtureDiffusion", "diffusion_ladder"]
 
@@ -115,8 +115,8 @@ class GaussianMixtureDiffusion:
             if weights.shape != (K,) or (weights < 0).any() or weights.sum() <= 0:
                 raise ValueError(f"weights must be {K} non-negative numbers with a positive sum, got {weights.tolist()}")
             weights = weights / weights.sum()
-        self.T = _number("T", T, positive=True)
-        self.t_min = _number("t_min", t_min, positive=True)
+        self.T = as_number("T", T, positive=True)
+        self.t_min = as_number("t_min", t_min, positive=True)
         if not self.t_min < self.T:
             raise ValueError(f"need 0 < t_min < T, got t_min={t_min!r}, T={T!r}")
         self.means, self.stds, self.weights = means, stds.clone(), weights
@@ -212,11 +212,11 @@ class GaussianMixtureDiffusion:
 
     def marginal_mean(self, t: float) -> torch.Tensor:
         """``E[Y_t] = a_t E[Y_0]`` ``(d,)`` float64."""
-        return math.exp(-_number("t", t)) * self.data_mean()
+        return math.exp(-as_number("t", t)) * self.data_mean()
 
     def marginal_covariance(self, t: float) -> torch.Tensor:
         """``Cov[Y_t] = a_t^2 Cov[Y_0] + (1 - a_t^2) I`` ``(d, d)`` float64."""
-        t = _number("t", t)
+        t = as_number("t", t)
         return math.exp(-2 * t) * self.data_covariance() - math.expm1(-2 * t) * torch.eye(self.d, dtype=F64)
 
     # -- sampling -----------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ class GaussianMixtureDiffusion:
         """``n`` exact samples of ``p_t`` ``(n, d)`` (``t = 0``: the data)."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        t = _number("t", t)
+        t = as_number("t", t)
         if t < 0:
             raise ValueError(f"t must be >= 0, got {t!r}")
         a = math.exp(-t)
@@ -334,9 +334,9 @@ def diffusion_ladder(problem: GaussianMixtureDiffusion, k: int, gamma: float, c:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     k = int(k)
-    gamma = _number("gamma", gamma, positive=True)
-    c = _number("c", c, positive=True)
-    scale = _number("scale", scale, positive=True)
+    gamma = as_number("gamma", gamma, positive=True)
+    c = as_number("c", c, positive=True)
+    scale = as_number("scale", scale, positive=True)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     eps_list = [2.0**-l for l in range(1, k + 1)] if eps is None else [float(e) for e in eps]

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .._random import check_seed, make_generator
+from ..random_streams import check_seed, make_generator
 from ..drift import MultilevelDrift
 
 __all__ = ["Ladder", "perturbed_ladder", "KINDS"]

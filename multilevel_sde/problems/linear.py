@@ -27,7 +27,7 @@ TimeLike = Union[float, torch.Tensor]
 
 
 # -- validation ------------------------------------------------------------------------------------
-def _number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+def as_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, Number) or not math.isfinite(value):
@@ -113,7 +113,7 @@ def _walk(y0: torch.Tensor, ts: Times, bm: GridBrownian, channels: int, step: Op
 
 
 def _elapsed(t) -> float:
-    return _number("t", t, nonnegative=True)
+    return as_number("t", t, nonnegative=True)
 
 
 # -- problems --------------------------------------------------------------------------------------
@@ -153,9 +153,9 @@ class OrnsteinUhlenbeck(_Problem):
     noise_type = "diagonal"
 
     def __init__(self, theta: float = 1.0, mu: float = 0.0, sigma: float = 1.0, d: int = 1):
-        self.theta = _number("theta", theta, positive=True)
-        self.mu = _number("mu", mu)
-        self.sigma = _number("sigma", sigma, nonnegative=True)
+        self.theta = as_number("theta", theta, positive=True)
+        self.mu = as_number("mu", mu)
+        self.sigma = as_number("sigma", sigma, nonnegative=True)
         self.d = _dim(d)
         self.diffusion = self.sigma
 
@@ -212,8 +212,8 @@ class GeometricBrownianMotion(_Problem):
     noise_type = "diagonal"
 
     def __init__(self, mu: float = 0.0, sigma: float = 1.0, d: int = 1):
-        self.mu = _number("mu", mu)
-        self.sigma = _number("sigma", sigma, nonnegative=True)
+        self.mu = as_number("mu", mu)
+        self.sigma = as_number("sigma", sigma, nonnegative=True)
         self.d = _dim(d)
         self.diffusion = self.g
 

@@ -16,7 +16,6 @@ times (levels must accept it).
 from __future__ import annotations
 
 import math
-from numbers import Number
 from typing import Callable, Optional
 
 import numpy as np
@@ -24,9 +23,10 @@ import torch
 
 from ..brownian import GridBrownian
 from ..drift import MultilevelDrift
-from .grid import uniform_grid
+from ..grid import OutputPlan, uniform_grid
+from .base import Solver
 
-__all__ = ["integrate_poisson", "THINNING_MARGIN"]
+__all__ = ["Poisson", "THINNING_MARGIN"]
 
 THINNING_MARGIN = 1.25
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(8)
@@ -170,57 +170,57 @@ def _segments(ts: np.ndarray, dt: float, march: bool) -> np.ndarray:
     return np.unique(np.concatenate([uniform_grid(ts[0], ts[-1], dt), ts]))
 
 
-def integrate_poisson(
-    drift: MultilevelDrift,
-    sigma_fn: Callable,
-    sigma_constant: Optional[float],
-    noise_type: str,
-    y0: torch.Tensor,
-    ts: np.ndarray,
-    dt: float,
-    noise_generator: torch.Generator,
-    bm: Optional[GridBrownian] = None,
-) -> torch.Tensor:
-    """Solves the jump process on ``[ts[0], ts[-1]]``; returns the states at ``ts``, ``(len(ts), batch, d)``."""
-    k, batch, d = drift.num_levels, y0.shape[0], y0.shape[1]
-    per_sample = drift.coupling == "sample"
-    sigma = _Sigma(sigma_fn, sigma_constant)
-    if bm is not None:
-        bridge = _PerSampleBridge if per_sample else _BridgeNoise
-        noise = bridge(bm, float(ts[0]), sigma, noise_type, d, noise_generator)
-    else:
-        channels = 1 if noise_type == "scalar" else d
-        noise = _GaussianNoise(sigma, batch, channels, noise_type, d, noise_generator, y0.dtype, y0.device)
+class Poisson(Solver):
+    """The jump process of the drift's rates ``p_l(t, dt) / dt`` on ``[ts[0], ts[-1]]``, one segment a step: the
+    segments end at ``ts`` and, when some level is certain or there is a base (the hybrid), at the ``dt`` grid's
+    times. Its jump times and levels come from the drift's coin stream (``drift.coins.generator``); its noise from
+    ``noise_generator`` or the shared path ``bm``. Every evaluation is checked by ``drift.combination``."""
 
-    grid_t = torch.as_tensor(uniform_grid(ts[0], ts[-1], dt), dtype=torch.float64)
-    grid_rates = _rates(drift, grid_t, dt)
-    march = drift.base is not None or bool((grid_rates * dt >= 1).any())
-    bounds = _segments(ts, dt, march)
-    costs = drift._require_costs(float(ts[0]), y0)
-    state = y0
-    outputs = [y0]
-    wanted = {float(t) for t in ts[1:]}
-    gen = drift._generator
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        a, b = float(a), float(b)
-        inside = grid_rates[:, (grid_t >= a - 1e-12) & (grid_t <= b + 1e-12)]
+    name = "Poisson"
+
+    def __init__(self, drift: MultilevelDrift, sigma_fn: Callable, sigma_constant: Optional[float], noise_type: str,
+                 y0: torch.Tensor, ts: np.ndarray, dt: float, noise_generator: torch.Generator,
+                 bm: Optional[GridBrownian] = None):
+        batch, d = y0.shape[0], y0.shape[1]
+        self.drift, self.dt, self.batch = drift, dt, batch
+        self.per_sample = drift.coupling == "sample"
+        sigma = _Sigma(sigma_fn, sigma_constant)
+        if bm is not None:
+            bridge = _PerSampleBridge if self.per_sample else _BridgeNoise
+            self.noise = bridge(bm, float(ts[0]), sigma, noise_type, d, noise_generator)
+        else:
+            channels = 1 if noise_type == "scalar" else d
+            self.noise = _GaussianNoise(sigma, batch, channels, noise_type, d, noise_generator, y0.dtype, y0.device)
+        self.costs = drift.require_costs(float(ts[0]), y0)
+        self.grid_t = torch.as_tensor(uniform_grid(ts[0], ts[-1], dt), dtype=torch.float64)
+        self.grid_rates = _rates(drift, self.grid_t, dt)
+        march = drift.base is not None or bool((self.grid_rates * dt >= 1).any())
+        self.bounds = _segments(ts, dt, march)
+        super().__init__(torch.as_tensor(self.bounds, dtype=torch.float64))
+        self.generator = drift.coins.generator
+
+    def output_plan(self, ts: np.ndarray) -> OutputPlan:
+        """The states at ``ts``: the ends of the segments that end there."""
+        step = [0] + np.searchsorted(self.bounds, ts[1:]).tolist()
+        return OutputPlan(step, [0.0] * len(step), [1.0] * len(step))
+
+    def step(self, n: int, y: torch.Tensor) -> torch.Tensor:
+        drift, dt, batch, costs = self.drift, self.dt, self.batch, self.costs
+        a, b = float(self.bounds[n]), float(self.bounds[n + 1])
+        inside = self.grid_rates[:, (self.grid_t >= a - 1e-12) & (self.grid_t <= b + 1e-12)]
         rates_a = _rates(drift, torch.tensor([a], dtype=torch.float64), dt)[:, 0]
         certain = rates_a * dt >= 1
         bound = THINNING_MARGIN * torch.maximum(inside.max(1).values if inside.numel() else rates_a, rates_a)
-        hybrid, hybrid_cost = _hybrid_drift(drift, certain, a, state, costs)
-        events = _draw_events(drift, certain, bound, a, b, dt, batch if per_sample else None, gen)
-        state = (_run_sample_segment if per_sample else _run_batch_segment)(
-            drift, state, a, b, hybrid, events, noise
-        )
+        hybrid, hybrid_cost = _hybrid_drift(drift, certain, a, y, costs)
+        events = _draw_events(drift, certain, bound, a, b, dt, batch if self.per_sample else None, self.generator)
+        y = (_run_sample_segment if self.per_sample else _run_batch_segment)(drift, y, a, b, hybrid, events,
+                                                                              self.noise)
         rate_integrals = (rates_a * (b - a)).masked_fill(certain, 0.0)  # left-point rule on the segment
         pair_costs = costs + torch.cat([costs.new_zeros(1), costs[:-1]])  # a jump pays C_l + C_{l-1}
         expected = (float(rate_integrals @ pair_costs) + hybrid_cost) * batch
         theory = (float(rate_integrals @ costs) + float(certain.double() @ costs)) * batch
-        for stats in drift._all_stats():
-            stats.record_step(batch, expected, theory)
-        if b in wanted:
-            outputs.append(state)
-    return torch.stack(outputs)
+        drift.record_step(batch, expected, theory)
+        return y
 
 
 def _hybrid_drift(drift: MultilevelDrift, certain: torch.Tensor, t: float, y: torch.Tensor, costs: torch.Tensor):
@@ -270,8 +270,7 @@ def _jump(drift, level: int, t, y, rate):
     """``(f^l - f^{l-1})(t, y) / lambda`` (``level`` from 0); ``rate`` a number or per-sample tensor."""
     inverse = 1.0 / rate
     coefficients = {level + 1: inverse, level: -inverse}
-    for stats in drift._all_stats():
-        stats.record_jumps(level, y.shape[0])
+    drift.record_jumps(level, y.shape[0])
     return drift.combination(coefficients, t, y)
 
 

@@ -1,4 +1,5 @@
-"""Time grids and output interpolation with torchsde's and torchdiffeq's exact float semantics.
+"""Time grids and output interpolation with torchsde's and torchdiffeq's exact float semantics (used by the
+solvers, ``GridBrownian`` and ``learning``).
 
 torchsde steps ``t <- min(t + dt, ts[-1])`` in the dtype of ``ts`` and interpolates outputs linearly in the
 last step taken; torchdiffeq builds ``arange(n) * step + t[0]`` and interpolates in the step that covers
@@ -13,7 +14,8 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["uniform_grid", "validate_grid", "as_times", "OutputPlan", "torchsde_output_plan", "torchdiffeq_grid"]
+__all__ = ["uniform_grid", "validate_grid", "as_times", "numpy_dtype", "OutputPlan", "torchsde_output_plan",
+           "torchdiffeq_grid", "torchdiffeq_output_plan"]
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -107,3 +109,22 @@ def torchdiffeq_grid(t: torch.Tensor, step_size: float) -> torch.Tensor:
     grid = torch.arange(0, niters, dtype=t.dtype) * step_size + start
     grid[-1] = t[-1]
     return grid
+
+
+def torchdiffeq_output_plan(grid: np.ndarray, t: np.ndarray) -> OutputPlan:
+    """torchdiffeq's fixed-grid outputs: after the step ``[t0, t1]``, every ``t[j] <= t1`` not yet written
+    is ``y0`` at ``t0``, ``y1`` at ``t1``, else ``y0 + (t - t0)/(t1 - t0) (y1 - y0)``."""
+    step, w_prev, w_curr = [0], [0.0], [1.0]
+    j = 1
+    for n in range(1, len(grid)):
+        t0, t1 = grid[n - 1], grid[n]
+        while j < len(t) and t1 >= t[j]:
+            if t[j] == t1:
+                step.append(n), w_prev.append(0.0), w_curr.append(1.0)
+            elif t[j] == t0:
+                step.append(n - 1), w_prev.append(0.0), w_curr.append(1.0)
+            else:
+                slope = float((t[j] - t0) / (t1 - t0))
+                step.append(n), w_prev.append(1.0 - slope), w_curr.append(slope)
+            j += 1
+    return OutputPlan(step, w_prev, w_curr, delta_form=True)
