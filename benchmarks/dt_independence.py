@@ -30,13 +30,9 @@ coins); the Poisson solver's does not. Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -45,6 +41,7 @@ import torch
 from torch.utils import benchmark
 
 import multilevel_sde as mlsde
+from run_info import environment
 from multilevel_sde.problems import htmc_ladder, htmc_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,24 +56,6 @@ def settings(quick: bool) -> dict:
     if quick:
         cfg.update(batch=64, dt_exponents=[10, 12], seeds=2, rounds=2, min_run_time=0.05)
     return cfg
-
-
-def environment() -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--", "../multilevel_sde")
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": commit or None,
-            "library_uncommitted_changes": None if changes is None else bool(changes),
-            "torch": torch.__version__, "multilevel_sde": mlsde.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def spread(values) -> float:

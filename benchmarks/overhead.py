@@ -37,12 +37,8 @@ rounds, printed with every round's value so that the spread of a busy machine sh
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -52,6 +48,7 @@ from torch import nn
 from torch.utils import benchmark
 
 import multilevel_sde as mlsde
+from run_info import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 1234
@@ -66,24 +63,6 @@ def settings(quick: bool) -> dict:
     if quick:
         cfg.update(a_dim=100, b_t1=0.2, a_rounds=2, b_rounds=5, min_run_time=0.05)
     return cfg
-
-
-def environment() -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--", "../multilevel_sde")
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": commit or None,
-            "library_uncommitted_changes": None if changes is None else bool(changes),
-            "torch": torch.__version__, "torchsde": torchsde.__version__,
-            "multilevel_sde": mlsde.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def side_by_side(fns: dict, rounds: int, min_run_time: float, log=print) -> dict:
@@ -304,7 +283,7 @@ def main(argv=None, cfg: dict | None = None) -> dict:
     args = parser.parse_args(argv)
     cfg = {**settings(args.quick), **(cfg or {})}
     torch.set_num_threads(cfg["threads"])
-    res = {"benchmark": "overhead", "quick": args.quick, "settings": cfg, "environment": environment()}
+    res = {"benchmark": "overhead", "quick": args.quick, "settings": cfg, "environment": environment(torchsde=torchsde.__version__)}
     if "a" in args.parts:
         print("(a) mlsde.sdeint against torchsde.sdeint, plain EM")
         res["part_a"] = part_a(cfg)

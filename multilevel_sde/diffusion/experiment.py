@@ -412,9 +412,8 @@ class Experiment:
         reported point comes from the held-out set. Returns the pilots' variances and each point's ``c``."""
         cfg, nets = self.config, self.mlem_networks
         costs = [self.flops[i] for i in nets]
-        n = cfg.select
-        chunk_seed = self._chunks(n, derive_seed(cfg.seed, EXPERIMENT_SELECTION), batch=n)[0][1]
-        x_T = initial_noise((n, *self.image_shape), chunk_seed, self.device).reshape(n, -1)
+        chunk_seed, x_T = self._selection_noise()
+        x_T = x_T.reshape(x_T.shape[0], -1)
         info = {}
         for steps in cfg.mlem_steps:
             grid = StepGrid(self.schedule, respaced_timesteps(self.schedule.T, steps), sampler)
@@ -443,6 +442,14 @@ class Experiment:
         return ([("", "independent")] + ([(" stratified", "stratified")] if strategy in self.config.stratified else [])
                 + ([(" comonotone", "comonotone")] if strategy in self.config.comonotone else []))
 
+    def _selection_noise(self) -> tuple:
+        """``(seed, x_T (select, C, H, W))`` of the selection set: one chunk whatever the held-out batch (learning
+        and the adaptive pilot run on the whole set at once), so its noise and path come from that chunk's seed,
+        as in its reference."""
+        n = self.config.select
+        chunk_seed = self._chunks(n, derive_seed(self.config.seed, EXPERIMENT_SELECTION), batch=n)[0][1]
+        return chunk_seed, initial_noise((n, *self.image_shape), chunk_seed, self.device)
+
     def fit(self, sampler: str) -> dict:
         """Fits a ``Sigmoid`` schedule on the selection set, from inverse cost at the median ``p_top``, with the
         regulariser weighing as much as the error at the start (spec §8.2); the Delta sweep sets the cost."""
@@ -459,8 +466,7 @@ class Experiment:
         # its noise and path come from that chunk's seed, as in its reference
         ref = self._run(self._sample_fn(sampler, [len(self.models) - 1], cfg.reference_steps), n, sel_seed,
                         batch=n).images
-        chunk_seed = self._chunks(n, sel_seed, batch=n)[0][1]
-        x_T = initial_noise((n, *self.image_shape), chunk_seed, self.device)
+        chunk_seed, x_T = self._selection_noise()
         bm = brownian_path(grid, n, int(np.prod(self.image_shape)), chunk_seed, self.device, x_T.dtype)
         paths = PathSet(x_T.reshape(n, -1), bm, ref.reshape(n, -1).to(x_T.device))
         init = sigmoid_from_probabilities(start_p, time_scale=1.0 / float(grid.times[-1]))
