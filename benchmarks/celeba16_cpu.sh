@@ -5,7 +5,7 @@
 #
 #   CELEBA=/path/to/img_align_celeba_parent bash benchmarks/celeba16_cpu.sh     # about 1.5 h on 2 cores
 #   (plus the distillation levers, steps 3-11: ~2.6 h of training and eleven ~20-min experiments; DISTILLED=0 skips
-#   them; step 12, the nested ladder: ~1 h of training and two experiments side by side; NESTED=1 runs it even
+#   them; steps 12-13, the nested ladders: ~1 h of training and one or two experiments each; NESTED=1 runs them even
 #   with DISTILLED=0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -184,4 +184,20 @@ if [ "${DISTILLED:-1}" = 1 ] || [ "${NESTED:-0}" = 1 ]; then
     "CelebA 16x16, one nested UNet trained jointly for 4000 steps, ML-EM on widths 3, 10, 24, DDPM (CPU)" \
     --comonotone inverse-cost,theory &  # (the comonotone points were added by a second run on the cached points)
   wait
+fi
+
+# 13. a wider nested ladder (NESTED=1, or with the levers above): widths 2, 4, 8, 16, 32 (0.36-22 MFLOPs, 61x from
+#     the smallest to the top), the same 4000 joint steps, then ML-EM on widths 2, 8, 32 with Giles' adaptive rule
+#     beside learned p, stratified and comonotone coins
+if [ "${DISTILLED:-1}" = 1 ] || [ "${NESTED:-0}" = 1 ]; then
+  OMP_NUM_THREADS=${THREADS:-1} "$PY" -m multilevel_sde.cli train --nested nested-cpu --widths 2,4,8,16,32 \
+    --data "celeba:$CELEBA" --image-size 16 --steps 4000 --batch-size 64 --lr 5e-4 --warmup 100 --eval-every 1000 \
+    --checkpoint-every 500 --out "$WORK/celeba16-nested-wide" --no-progress > "$WORK/celeba16-nested-wide.json"
+  cp "$WORK/celeba16-nested-wide/log.json" "$OUT/nested-wide-train-log.json"
+  OMP_NUM_THREADS=1 "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-nested-wide" --out "$OUT/ddpm-nested-wide-3" \
+    --samplers ddpm --mlem-networks 0,2,4 "${ARGS[@]}" --mlem-steps 50,25,10 \
+    --title "CelebA 16x16, one nested UNet of widths 2, 4, 8, 16, 32 trained jointly for 4000 steps, ML-EM on widths 2, 8, 32, DDPM (CPU)" \
+    --strategies inverse-cost,theory,learned,adaptive --stratified inverse-cost,theory,learned \
+    --comonotone inverse-cost,theory,adaptive --tstitch-steps 50,25 > "$OUT/ddpm-nested-wide-3.log" 2>&1
+  echo "done: $OUT/ddpm-nested-wide-3/report.md"
 fi

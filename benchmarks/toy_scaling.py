@@ -24,6 +24,18 @@ PRE-REGISTERED, fixed before the run; the headline and the targets use nothing e
 - headline: EM's cost over ML-EM's at ML-EM's smallest error (EM's cost by log-log interpolation, extrapolated
   from EM's last two points when ML-EM's smallest error lies below EM's: the factor is recorded).
 
+SECOND PRE-REGISTERED VARIANT (issue #19 §3), fixed before its first run here; its rule and budget are those of
+the earlier exploratory measurement in docs/theory.md ("A principled constant"), not tuned on this run:
+
+- variant: Giles' adaptive probabilities ``mlsde.Adaptive``, ``mlem_adaptive``: a pilot (EM with the top level,
+  the run's ladder and y0, dt = eps / 4, its own Brownian path, seed + 1), scaled to the budget rms = eps / 2,
+  independent coins, one coin per sample, dt = eps / 4. Its cost is the solve's; the pilot's (k level
+  evaluations per step and pilot path, per path of the run) is recorded beside it as "pilot_cost", not in it;
+- fit: over the same accuracies as the primary; EM likewise;
+- targets (gamma = 3 only):
+  T7  mlem_adaptive's exponent in [2.6, 3.4] (point estimate: within 0.4 of 3);
+  T8  EM's cost over mlem_adaptive's at mlem_adaptive's smallest error >= 10 (the headline's rule).
+
 EXPLORATORY, measured on the same paths, reported beside the headline but never used for it (no maximum over
 them is taken): the Poisson-jump solver with Theorem 1's rates; Theorem 1 with comonotone coins (unbiased) and
 with stratified coins (lower variance, biased path); Theorem 1's constant times 0.1 with independent and with
@@ -50,10 +62,10 @@ import multilevel_sde as mlsde
 from multilevel_sde.problems import htmc_ladder, htmc_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PRIMARY = "mlem_theorem1"
+PRIMARY, ADAPTIVE = "mlem_theorem1", "mlem_adaptive"
 EXPLORATORY = ("poisson_theorem1", "mlem_theorem1_comonotone", "mlem_theorem1_stratified", "mlem_theorem1_x0.1",
                "mlem_theorem1_x0.1_stratified", "mlem_inverse_cost")
-METHODS = ("em", PRIMARY) + EXPLORATORY
+METHODS = ("em", PRIMARY, ADAPTIVE) + EXPLORATORY
 ML_METHODS = METHODS[1:]
 BIASED = ("mlem_theorem1_stratified", "mlem_theorem1_x0.1_stratified")  # stratified coins: the path is biased
 
@@ -94,6 +106,13 @@ def run_accuracy(gamma: float, j: int, paths: int, d: int, seed: int, fine_exp: 
     out["mlem_inverse_cost"] = measure(mlsde.MultilevelSDE(ladder.drift(inverse, coupling="sample"), sigma), dt_ml)
     poisson_drift = ladder.drift(theorem, coupling="sample")
     out["poisson_theorem1"] = measure(mlsde.MultilevelSDE(poisson_drift, sigma), dt_ml, method="poisson")
+    start = time.perf_counter()  # last, on its own seeds: the methods above do not see it
+    pilot = mlsde.Adaptive.pilot(ladder.levels, y0, 0.0, T, dt_ml, diffusion=sigma, seed=seed + 1)
+    adaptive = pilot.scaled(dt_ml, ladder.costs, rms=eps / 2)
+    pilot_seconds = time.perf_counter() - start
+    out[ADAPTIVE] = measure(mlsde.MultilevelSDE(ladder.drift(adaptive, coupling="sample"), sigma), dt_ml)
+    out[ADAPTIVE].update(pilot_cost=pilot.times.numel() * float(sum(ladder.costs)), pilot_seconds=pilot_seconds,
+                         c=adaptive.c)
     return out
 
 
@@ -128,7 +147,7 @@ def _inside(value: float, interval) -> bool:
     return interval[0] <= value <= interval[1]
 
 
-def targets(gamma: float, fits: dict, predicted: float) -> dict:
+def targets(gamma: float, fits: dict, predicted: float, speedups: dict) -> dict:
     """The pre-registered targets (module docstring): {name: {"holds": bool, "what": str}}."""
     em, ml = fits["em"], fits[PRIMARY]
     out = {
@@ -144,6 +163,9 @@ def targets(gamma: float, fits: dict, predicted: float) -> dict:
     }
     if gamma == 3.0:
         out["T5"] = (3.0 <= ml["exponent"] <= 3.4, f"ML-EM exponent {ml['exponent']:.2f} in [3, 3.4]")
+        ad, speedup = fits[ADAPTIVE], speedups[ADAPTIVE]
+        out["T7"] = (2.6 <= ad["exponent"] <= 3.4, f"{ADAPTIVE} exponent {ad['exponent']:.2f} in [2.6, 3.4]")
+        out["T8"] = (speedup >= 10, f"EM / {ADAPTIVE} cost at its smallest error {speedup:.2f}x >= 10")
     if gamma < 2:
         out["T6"] = (_inside(2.0, ml["interval"]), "ML-EM exponent's interval contains 2")
     return {name: {"holds": bool(holds), "what": what} for name, (holds, what) in out.items()}
@@ -156,18 +178,23 @@ def summarise(gamma: float, points: list) -> dict:
     g = [mlsde.Theorem1(eps=p["eps"], gamma=gamma).G_k for p in fitted]
     predicted = 2.0 + 2 * math.log(g[-1] / g[0]) / math.log(fitted[0]["eps"] / fitted[-1]["eps"])
     last = fitted[-1]
-    headline = cost_at_error(fitted, "em", last[PRIMARY]["error"]) / last[PRIMARY]["cost"]
-    exploratory = {m: cost_at_error(fitted, "em", last[m]["error"]) / last[m]["cost"] for m in EXPLORATORY}
+    speedups = {m: cost_at_error(fitted, "em", last[m]["error"]) / last[m]["cost"] for m in ML_METHODS}
+    headline = speedups[PRIMARY]
+    exploratory = {m: speedups[m] for m in EXPLORATORY}
     return {
         "gamma": gamma,
         "fitted_eps": [p["eps"] for p in fitted],
         "fits": fits,
         "theory": {"em": gamma + 1, "mlem": max(gamma, 2.0), "mlem_theorem1_over_fitted_k": predicted},
-        "targets": targets(gamma, fits, predicted),
+        "targets": targets(gamma, fits, predicted, speedups),
         "headline_speedup_at_min_error": headline,
         "min_error_mlem": last[PRIMARY]["error"],
         # EM's cost there is extrapolated past EM's smallest error when ML-EM's is smaller (by this factor)
         "em_extrapolated_by": max(1.0, min(p["em"]["error"] for p in fitted) / last[PRIMARY]["error"]),
+        "adaptive_speedup_at_min_error": speedups[ADAPTIVE],  # its solve's cost; the pilot's is beside it
+        "min_error_adaptive": last[ADAPTIVE]["error"],
+        "adaptive_em_extrapolated_by": max(1.0, min(p["em"]["error"] for p in fitted) / last[ADAPTIVE]["error"]),
+        "adaptive_pilot_cost_at_min_error": last[ADAPTIVE]["pilot_cost"],
         "exploratory_speedups_at_min_error": exploratory,
         "points": points,
     }
@@ -180,7 +207,7 @@ def plot(summaries: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(summaries), figsize=(4.4 * len(summaries), 4.2), squeeze=False)
-    styles = {"em": ("o-", 1.8), PRIMARY: ("s-", 1.8), "poisson_theorem1": ("x:", 0.8),
+    styles = {"em": ("o-", 1.8), PRIMARY: ("s-", 1.8), ADAPTIVE: ("*-", 1.8), "poisson_theorem1": ("x:", 0.8),
               "mlem_theorem1_comonotone": ("P:", 0.8), "mlem_theorem1_stratified": ("^:", 0.8),
               "mlem_theorem1_x0.1": ("D:", 0.8), "mlem_theorem1_x0.1_stratified": ("v:", 0.8),
               "mlem_inverse_cost": ("d:", 0.8)}
@@ -204,8 +231,8 @@ def plot(summaries: list, path: Path) -> None:
         ax.set_ylabel("cost per path")
         ax.invert_xaxis()
         ax.legend(fontsize=5.5)
-    fig.suptitle(f"bold: EM and the pre-registered ML-EM ({PRIMARY}); dotted: exploratory; † biased path; "
-                 "hollow: not fitted (every p = 1)", fontsize=8)
+    fig.suptitle(f"bold: EM and the pre-registered ML-EM ({PRIMARY}, {ADAPTIVE}); dotted: exploratory; "
+                 "† biased path; hollow: not fitted (every p = 1)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -243,6 +270,10 @@ def main() -> None:
               f"(asymptotic {max(gamma, 2.0):g}, Theorem 1 over these k {s['theory']['mlem_theorem1_over_fitted_k']:.2f}); "
               f"EM/ML-EM cost at ML-EM's smallest error {s['headline_speedup_at_min_error']:.2f}x (EM extrapolated to an "
               f"error {s['em_extrapolated_by']:.2f}x below its smallest)", flush=True)
+        print(f"  second pre-registered [{ADAPTIVE}]: {_interval(s['fits'][ADAPTIVE])}; EM/{ADAPTIVE} cost at its "
+              f"smallest error {s['adaptive_speedup_at_min_error']:.2f}x (EM extrapolated by "
+              f"{s['adaptive_em_extrapolated_by']:.2f}x); its pilot costs {s['adaptive_pilot_cost_at_min_error']:.3g} "
+              f"per path there, not included", flush=True)
         for name, t in s["targets"].items():
             print(f"  {name} {'holds' if t['holds'] else 'FAILS'}: {t['what']}", flush=True)
         print("  exploratory (not pre-registered): " + "; ".join(
@@ -256,10 +287,13 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
         "pre_registered": {"variant": PRIMARY, "fit": "accuracies where the variant has some p < 1; EM over the same",
-                           "targets": "T1-T6 of the module docstring", "exploratory": list(EXPLORATORY),
-                           "biased_path": list(BIASED)},
+                           "targets": "T1-T6 of the module docstring",
+                           "second_variant": ADAPTIVE, "second_targets": "T7-T8 of the module docstring (gamma = 3)",
+                           "second_variant_cost": "the solve's; the pilot's is each point's pilot_cost",
+                           "exploratory": list(EXPLORATORY), "biased_path": list(BIASED)},
         "settings": {"paths": paths, "d": args.d, "eps": [2.0**-j for j in exps], "fine_dt": 2.0**-fine_exp,
-                     "ml_dt": "eps/4", "em_dt": "eps", "seed": args.seed, "T": 1.0, "sigma": 1.0},
+                     "ml_dt": "eps/4", "em_dt": "eps", "seed": args.seed, "T": 1.0, "sigma": 1.0,
+                     "adaptive": "pilot on the run's ladder and y0 at dt = eps/4, seed + 1; rms = eps/2"},
         "seconds": time.perf_counter() - started,
         "per_gamma": {str(s["gamma"]): s for s in summaries},
     }
