@@ -311,7 +311,6 @@ class MultilevelDrift(nn.Module):
                                             math.nan if dt is None else float(dt), p_host, coins.clone()))
         if self.accelerate and not (p.requires_grad or fwAD.unpack_dual(p).tangent is not None):
             out, outputs = self._sum(plan.terms(self, coins, y), t, y)  # the accelerated path
-            out = torch.zeros_like(y) if out is None else out
         else:
             out, outputs = self.combine(coins, p, t, y)
         if self.check_finite and not self._deferred and outputs and not all_finite(out):
@@ -323,8 +322,8 @@ class MultilevelDrift(nn.Module):
         levels that ran (``m = 0``: the base): the levels of ``_runs``, the ``c_m`` of ``_coefficients``, ``_sum``."""
         certain = p.detach().to("cpu", torch.float64).numpy().reshape(len(p), -1) >= 1
         c = self._coefficients(coins, p, y.dtype).to(y.device)
-        out, outputs = self._sum(_terms(self._runs(coins, certain), c, y), t, y)
-        return (torch.zeros_like(y) * c.sum() if out is None else out), outputs  # no coin: 0, on p's graph
+        terms = _terms(self._runs(coins, certain), c, y)
+        return self._sum(terms, t, y) if terms else (torch.zeros_like(y) * c.sum(), {})  # no coin: 0, on p's graph
 
     def _runs(self, coins: torch.Tensor, certain: np.ndarray) -> np.ndarray:
         """Where each ``f^m`` runs, bool ``(k + 1, 1 or batch)`` (row 0: the base, everywhere): where ``B_m`` or
@@ -349,8 +348,8 @@ class MultilevelDrift(nn.Module):
 
     def _sum(self, terms: list, t: TimeLike, y: torch.Tensor):
         """``(sum_m c_m f^m(t, y), outputs)`` over ``terms = [(m, rows, c_m)]`` (``_terms``): ``f^m`` on the whole
-        batch (``rows`` None) or on the sub-batch ``rows``; ``(None, {})`` without terms."""
-        per_sample_t = _is_per_sample(t, y.shape[0])
+        batch (``rows`` None) or on the sub-batch ``rows``; 0 without terms."""
+        per_sample_t = isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == y.shape[0] > 1
         out, outputs = None, {}
         for m, rows, c in terms:
             if rows is None:  # the whole batch
@@ -361,7 +360,7 @@ class MultilevelDrift(nn.Module):
                                                 y.index_select(0, rows))
                 out = torch.zeros_like(y) if out is None else out
                 out.index_put_((rows,), c * f, accumulate=True)  # (index_add_ is 3x slower on the CPU)
-        return out, outputs
+        return (torch.zeros_like(y) if out is None else out), outputs
 
     def _host_plan(self, p: torch.Tensor, costs: torch.Tensor, t: TimeLike, dt: Optional[float]) -> "_HostPlan":
         """The ``_HostPlan`` of the float64 CPU ``p`` (kept for later steps); ``p`` is checked when it is made."""
@@ -404,18 +403,14 @@ class MultilevelDrift(nn.Module):
 
     def combination(self, coefficients: dict, t: TimeLike, y: torch.Tensor) -> torch.Tensor:
         """``sum_m c_m f^m(t, y)`` for ``coefficients = {m: c_m}`` (``m = 0`` is the base; ``c_m`` a number
-        or a ``(batch,)`` tensor); each level with a coefficient is evaluated once and recorded."""
+        or a ``(batch,)`` tensor); each level with a coefficient is evaluated once (``_sum``) and recorded."""
         check_state(y)
-        trailing = (1,) * (y.dim() - 1)
-        out = torch.zeros_like(y)
+        terms = []
         for m in sorted(coefficients, reverse=True):
-            c = coefficients[m]
-            if m == 0 and self.base is None:
-                continue
-            f_m = self._evaluate(m, t, y)
-            if isinstance(c, torch.Tensor) and c.dim() == 1:
-                c = c.to(device=y.device, dtype=y.dtype).reshape(-1, *trailing)
-            out = out + c * f_m
+            if m > 0 or self.base is not None:
+                c = torch.as_tensor(coefficients[m]).to(device=y.device, dtype=y.dtype)
+                terms.append((m, None, c.reshape(-1, *(1,) * (y.dim() - 1)) if c.dim() == 1 else c))
+        out = self._sum(terms, t, y)[0]
         if self.check_finite and not bool(torch.isfinite(out).all()):
             raise NonFiniteError(f"levels {sorted(coefficients)} gave NaN or inf at t={time_repr(t)}")
         return out
@@ -458,10 +453,6 @@ class MultilevelDrift(nn.Module):
 
     def extra_repr(self) -> str:
         return f"k={self.num_levels}, coupling={self.coupling!r}, coins={self.coins!r}, seed={self.seed}"
-
-
-def _is_per_sample(t, batch: int) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == batch and batch > 1
 
 
 def _terms(run: np.ndarray, c: torch.Tensor, y: torch.Tensor) -> list:
