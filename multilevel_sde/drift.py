@@ -3,11 +3,11 @@
 Each step, coins ``B_l ~ Bernoulli(p_l)`` decide which differences ``f^l - f^{l-1}`` enter the unbiased
 estimate ``F = sum_l (B_l / p_l) (f^l - f^{l-1})`` (spec §4.1). The whole step is ``MultilevelDrift.sample``,
 read top to bottom: probabilities -> ``coins = scheme.draw(p, ...)`` (``coins.py``) -> ``combine``: which
-levels run (``_runs``), their coefficients ``c_m = B_m/p_m - B_{m+1}/p_{m+1}`` (``_coefficients``) and the sum
-``F = sum_m c_m f^m`` (``_sum``). Each level is evaluated at most once per step (f^m is shared by the
-differences m and m+1), only when one of them is drawn, and with every ``p = 1`` the estimate is ``f^k`` to the
-last bit. ``accelerate`` keeps the runs and coefficients of each coin pattern instead of recomputing them (the
-only accelerated path, the same numbers). The drift knows nothing of steppers.
+levels run (``_runs``), their coefficients ``c_m = B_m/p_m - B_{m+1}/p_{m+1}`` (``_coefficients``), the terms
+``(m, rows, c_m)`` they make (``_terms``) and the sum ``F = sum_m c_m f^m`` (``_sum``). Each level is evaluated
+at most once per step (f^m is shared by the differences m and m+1), only when one of them is drawn, and with
+every ``p = 1`` the estimate is ``f^k`` to the last bit. ``accelerate`` keeps the terms of each coin pattern
+instead of recomputing them (the only accelerated path, the same numbers). The drift knows nothing of steppers.
 """
 
 from __future__ import annotations
