@@ -1,8 +1,8 @@
-"""Learned time-dependent probabilities (spec §8, the paper's Section 3.1) and best-of-N coin patterns.
+"""Learned time-dependent probabilities (spec §8, the paper's Section 3.1): the gradient estimator and the fit.
 
-Given a ladder (a ``MultilevelDrift`` with costs), an SDE around it and paths with a reference solution,
-``fit_probabilities`` fits a ``Sigmoid`` schedule ``p_l(t) = floor + (1 - floor) sigmoid(a_l + b_l t)`` by SGD
-on the regularised objective (spec §8.2)
+Given a ``LearningProblem`` (a ladder with costs, an SDE around it and a grid) and a ``PathSet`` with a
+reference solution, ``fit_probabilities`` fits a ``Sigmoid`` schedule
+``p_l(t) = floor + (1 - floor) sigmoid(a_l + b_l t)`` by SGD on the regularised objective (spec §8.2)
 
     J(a, b) = E ||X_T - X_T^ref||^2  +  lam * sum_n sum_l p_l(t_n) C_l          (per path)
 
@@ -12,13 +12,10 @@ as the primal solve with ``torch.autograd.forward_ad``, so memory does not depen
 for the path derivative through the ``1/p`` weights with the coins held fixed, and the exact gradient of
 the regulariser. While learning, every sample has its own coins (``coupling="sample"``).
 
-``delta_sweep`` turns one learned schedule into a cost-error curve (``a_l + Delta`` for all ``l``, spec
-§8.6); ``best_of_n`` draws ``n`` batch-shared coin patterns and keeps the one with the smallest error on a
-selection set (spec §9.6), returned as a pattern to ``Replay``. ``evaluate`` measures a schedule (or a
-replayed pattern) on a set of paths: the mean loss and the realised cost by the core's exact rule.
-
-Honest evaluation: fit and select on one ``PathSet``; report numbers from another (held-out) one.
-Everything is generic: any ``MultilevelDrift``, any SDE built around it, any reference.
+This module also re-exports the rest of the learning API: the problem and paths (``learning_problem``),
+the schedule's start and shifts (``learning_schedule``) and evaluation, the Delta sweep and best-of-N
+(``learning_evaluation``). Everything is generic: any ``MultilevelDrift``, any SDE built around it, any
+reference.
 """
 
 from __future__ import annotations
@@ -27,20 +24,17 @@ import copy
 import math
 from dataclasses import dataclass, field
 from numbers import Number
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
-import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 
 from .random_streams import check_seed, derive_seed, make_generator
-from .brownian import GridBrownian
-from .coins import CoinScheme, Replay
-from .drift import MultilevelDrift
-from .integrate import sdeint
-from .probabilities import Constant, Schedule, Sigmoid, as_schedule
-from .sde import MultilevelSDE
-from .grid import uniform_grid, validate_grid
+from .coins import CoinScheme
+from .learning_evaluation import BestOfN, Evaluation, SweepPoint, best_of_n, delta_sweep, evaluate
+from .learning_problem import LearningProblem, PathSet, squared_error
+from .learning_schedule import check_sigmoid, shifted, sigmoid_from_probabilities
+from .probabilities import Schedule, Sigmoid
 from .stats import Stats
 
 __all__ = [
@@ -72,270 +66,7 @@ F64 = torch.float64
 _COINS, _DIRECTIONS, _MINIBATCH = 0, 1, 2
 
 
-def squared_error(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """``||x - reference||^2`` per sample: ``(batch,)`` (summed over every non-batch dimension)."""
-    return (x - reference).pow(2).flatten(1).sum(1)
-
-
-# -- paths -----------------------------------------------------------------------------------------
-class _TabulatedBrownian:
-    """A Brownian path given by a table of increments on a grid: ``increments[n]`` is ``(batch, m)``.
-
-    Used for subsets of a ``GridBrownian`` (minibatches of a learning set); follows torchsde's protocol.
-    """
-
-    levy_area_approximation = "none"
-
-    def __init__(self, times: np.ndarray, increments: torch.Tensor):
-        self.times = np.asarray(times, dtype=np.float64)
-        self.table = increments
-        self._spacing = np.diff(self.times)
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.table.shape[1:]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.table.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.table.device
-
-    def increment(self, i: int) -> torch.Tensor:
-        return self.table[i]
-
-    def index_of(self, t) -> int:
-        tf = float(t)
-        j = int(np.abs(self.times - tf).argmin())
-        if abs(self.times[j] - tf) > 0.25 * self._spacing[min(j, len(self._spacing) - 1)]:
-            raise ValueError(f"Brownian path queried at t={tf!r}, which is not on its grid")
-        return j
-
-    def __call__(self, ta, tb=None, return_U: bool = False, return_A: bool = False) -> torch.Tensor:
-        if return_U or return_A:
-            raise ValueError("no Levy area (levy_area_approximation='none')")
-        if tb is None:
-            ta, tb = self.times[0], ta
-        i, j = self.index_of(ta), self.index_of(tb)
-        if j < i:
-            raise ValueError(f"need ta <= tb, got ta={float(ta)!r}, tb={float(tb)!r}")
-        return self.table[i] if j == i + 1 else self.table[i:j].sum(0)
-
-    def select(self, index: torch.Tensor) -> "_TabulatedBrownian":
-        return _TabulatedBrownian(self.times, self.table.index_select(1, index.to(self.table.device)))
-
-
-@dataclass
-class PathSet:
-    """Initial points, Brownian paths and the reference solution at the final time, one row per path.
-
-    Attributes:
-        y0: ``(M, d)`` initial states.
-        bm: the Brownian motion of the ``M`` paths, shape ``(M, m)`` (a ``GridBrownian`` on the problem's
-            grid is fastest; any torchsde-style ``bm(ta, tb)`` works, but only a ``GridBrownian`` can be
-            split into minibatches).
-        reference: ``(M, ...)``: the reference solution ``X_T^ref`` of each path (what the loss compares
-            the ML-EM solution with), e.g. from ``LearningProblem.reference`` (EM with the top level on the
-            same path) or an exact strong solution.
-    """
-
-    y0: torch.Tensor
-    bm: object
-    reference: torch.Tensor
-
-    def __post_init__(self):
-        if not isinstance(self.y0, torch.Tensor) or self.y0.dim() != 2:
-            raise ValueError(f"y0 must be a (M, d) tensor, got {getattr(self.y0, 'shape', self.y0)!r}")
-        if not isinstance(self.reference, torch.Tensor) or self.reference.shape[0] != self.y0.shape[0]:
-            raise ValueError(f"reference must be a tensor with {self.y0.shape[0]} rows (one per path), got "
-                             f"{getattr(self.reference, 'shape', self.reference)!r}")
-        shape = tuple(getattr(self.bm, "shape", ()))
-        if not callable(self.bm) or len(shape) != 2 or shape[0] != self.y0.shape[0]:
-            raise ValueError(f"bm must be a Brownian motion of shape (M={self.y0.shape[0]}, m), got {shape}")
-        self._table: Optional[_TabulatedBrownian] = None
-
-    def __len__(self) -> int:
-        return self.y0.shape[0]
-
-    def _tabulated(self) -> _TabulatedBrownian:
-        if self._table is None:
-            if isinstance(self.bm, _TabulatedBrownian):
-                self._table = self.bm
-            elif isinstance(self.bm, GridBrownian):
-                table = torch.stack([self.bm.increment(i) for i in range(self.bm.num_steps)])
-                self._table = _TabulatedBrownian(self.bm.times, table)
-            else:
-                raise TypeError("only a GridBrownian path set can be split into subsets, got "
-                                f"{type(self.bm).__name__}")
-        return self._table
-
-    def subset(self, index: Union[torch.Tensor, Sequence[int]]) -> "PathSet":
-        """The paths ``index`` (their increments are copied from the path's grid)."""
-        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
-        if index.numel() == len(self) and torch.equal(index, torch.arange(len(self))):
-            return self
-        dev = self.y0.device
-        return PathSet(self.y0.index_select(0, index.to(dev)), self._tabulated().select(index),
-                       self.reference.index_select(0, index.to(self.reference.device)))
-
-
-# -- problem ---------------------------------------------------------------------------------------
-class LearningProblem:
-    """A ladder, the SDE around it and its time grid: what ``fit_probabilities`` and friends solve.
-
-    Args:
-        drift: a ``MultilevelDrift`` with known ``costs`` (``measure_costs`` first if needed). Its levels,
-            ``base``, costs, ``check_finite`` and ``prune_certain`` are used; its schedule, coupling and
-            coins are not (each solve builds a drift over the same levels with the schedule being learned
-            or evaluated, so ``drift`` itself is never modified).
-        sde: how to build the SDE around a drift: a callable ``make_sde(drift) -> sde`` (torchsde's
-            protocol, whose ``multilevel`` is that drift, e.g. ``lambda d: ou.sde(d)``), or a
-            ``MultilevelSDE`` whose diffusion, noise type and ``dt`` are reused.
-        t1: final time (with ``t0`` and ``dt``), or give ``grid``.
-        t0: initial time.
-        dt: step size of the uniform grid (torchsde's accumulation); default: the ``MultilevelSDE``'s ``dt``.
-        grid: the exact step times instead (non-uniform allowed).
-        loss: ``loss(x_T, reference) -> (M,)``, the per-path error (default ``squared_error``).
-
-    The Sigmoid schedule sees the solver's time ``t`` times its ``time_scale``; ``time_scale = 1 / t1`` maps
-    ``[0, t1]`` to ``[0, 1]`` (spec §8.1), see ``sigmoid_from_probabilities``.
-    """
-
-    def __init__(
-        self,
-        drift: MultilevelDrift,
-        sde: Union[MultilevelSDE, Callable],
-        t1: Optional[float] = None,
-        *,
-        t0: float = 0.0,
-        dt: Optional[float] = None,
-        grid: Optional[Union[Sequence[float], torch.Tensor, np.ndarray]] = None,
-        loss: Optional[Callable] = None,
-    ):
-        if not isinstance(drift, MultilevelDrift):
-            raise TypeError(f"drift must be a MultilevelDrift, got {type(drift).__name__}")
-        if drift.costs is None:
-            raise ValueError("the drift's costs are unknown: pass costs= to MultilevelDrift or call "
-                             "drift.measure_costs(t, y) first")
-        self.drift = drift
-        if grid is not None and dt is not None:
-            raise ValueError("give either dt or grid, not both")
-        if isinstance(sde, MultilevelSDE):
-            template = sde
-            self._make_sde = lambda d: MultilevelSDE(d, template.diffusion, template.noise_type, dt=template.dt)
-            dt = template.dt if dt is None and grid is None else dt
-        elif callable(sde):
-            self._make_sde = sde
-        else:
-            raise TypeError(f"sde must be a MultilevelSDE or a callable make_sde(drift) -> sde, got {sde!r}")
-        if grid is not None:
-            self.grid = validate_grid("grid", grid).astype(np.float64)
-        else:
-            if t1 is None or dt is None:
-                raise ValueError("give t1 and dt (or a MultilevelSDE with dt), or grid")
-            if not (isinstance(dt, Number) and math.isfinite(dt) and dt > 0):
-                raise ValueError(f"dt must be a finite number > 0, got {dt!r}")
-            if not float(t1) > float(t0):
-                raise ValueError(f"need t1 > t0, got t0={t0!r}, t1={t1!r}")
-            self.grid = uniform_grid(float(t0), float(t1), float(dt), np.float64)
-        self.loss = squared_error if loss is None else loss
-
-    # -- grid and costs -----------------------------------------------------------------------------
-    @property
-    def num_levels(self) -> int:
-        return self.drift.num_levels
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.grid) - 1
-
-    @property
-    def costs(self) -> torch.Tensor:
-        """Cost of one evaluation of each level per sample, float64 ``(k,)``."""
-        return self.drift.costs
-
-    def step_times(self) -> torch.Tensor:
-        """The times ``t_n`` at which the drift is estimated (``n = 0 .. N-1``), float64 ``(N,)``."""
-        return torch.as_tensor(self.grid[:-1], dtype=F64)
-
-    # -- solving ------------------------------------------------------------------------------------
-    def make_drift(self, schedule, coupling: str = "sample",
-                   coins: Union[str, CoinScheme, torch.Tensor] = "independent",
-                   seed: Optional[int] = 0) -> MultilevelDrift:
-        """A ``MultilevelDrift`` over the problem's levels with ``schedule``, ``coupling`` and ``coins``."""
-        d = self.drift
-        drift = MultilevelDrift(list(d.levels), schedule, costs=d.costs.tolist(), coupling=coupling, coins=coins,
-                                base=d.base, seed=seed, check_finite=d.check_finite, prune_certain=d.prune_certain)
-        drift.set_costs(d.costs.tolist(), d.cost_unit)
-        return drift
-
-    def solve(self, schedule, paths: PathSet, coupling: str = "sample",
-              coins: Union[str, CoinScheme, torch.Tensor] = "independent", seed: int = 0,
-              record: bool = False) -> tuple[torch.Tensor, Stats, MultilevelDrift]:
-        """ML-EM on ``paths`` with ``schedule``: ``(X_T (M, ...), stats, drift)`` (the coins recorded in
-        ``drift.recorded`` when ``record``). ``seed`` seeds the coins (the Brownian paths are ``paths.bm``)."""
-        drift = self.make_drift(schedule, coupling, coins)
-        sde = self._make_sde(drift)
-        if getattr(sde, "multilevel", None) is not drift:
-            raise ValueError("make_sde(drift) must return an SDE whose drift (.multilevel) is the given drift")
-        if record:
-            drift.record_coins()
-        y0 = paths.y0
-        ts = torch.tensor([self.grid[0], self.grid[-1]], dtype=y0.dtype if y0.is_floating_point() else F64)
-        ys, stats = sdeint(sde, y0, ts, bm=paths.bm, grid=self.grid, seed=seed, return_stats=True)
-        return ys[-1], stats, drift
-
-    def reference(self, y0: torch.Tensor, bm) -> torch.Tensor:
-        """EM with the top level ``f^k`` on the problem's grid and the path ``bm``: ``(M, d)`` at the final
-        time (ML-EM with every ``p = 1``, which is EM with ``f^k`` to the last bit)."""
-        top = Constant([1.0] * self.num_levels)
-        x, _, _ = self.solve(top, PathSet(y0, bm, torch.zeros_like(y0)), coupling="batch")
-        return x.detach()
-
-    def paths(self, y0: torch.Tensor, bm, reference: Optional[torch.Tensor] = None) -> PathSet:
-        """A ``PathSet``; ``reference=None`` takes ``reference(y0, bm)`` (EM with the top level)."""
-        return PathSet(y0, bm, self.reference(y0, bm) if reference is None else reference)
-
-
-# -- the Sigmoid schedule --------------------------------------------------------------------------
-def _check_sigmoid(schedule) -> Sigmoid:
-    if not isinstance(schedule, Sigmoid):
-        raise TypeError(f"learning needs a mlsde.Sigmoid schedule, got {type(schedule).__name__}")
-    return schedule
-
-
-def sigmoid_from_probabilities(probabilities, floor: float = 1e-3, time_scale: float = 1.0,
-                               costs: Optional[Sequence[float]] = None, t: float = 0.0, dt: float = 1.0,
-                               max_logit: float = 12.0) -> Sigmoid:
-    """A ``Sigmoid`` with ``b = 0`` equal to given constant probabilities (the spec's suggested start).
-
-    Args:
-        probabilities: ``k`` numbers in ``(0, 1]``, or a schedule evaluated at ``(t, dt, costs)``.
-        floor, time_scale: of the ``Sigmoid`` (``time_scale = 1 / T`` normalises time to ``[0, 1]``).
-        max_logit: ``|a_l|`` is capped here (``p = 1`` has no finite logit).
-    """
-    if isinstance(probabilities, torch.nn.Module) or callable(probabilities):
-        if costs is None:
-            raise ValueError("costs are needed to evaluate a schedule")
-        p = as_schedule(probabilities)(t, dt, torch.as_tensor(costs, dtype=F64))
-    else:
-        p = probabilities
-    p = torch.as_tensor(p, dtype=F64).detach().reshape(-1)
-    s = ((p - floor) / (1 - floor)).clamp(1e-300, 1.0)
-    a = (torch.log(s) - torch.log1p(-s)).clamp(-max_logit, max_logit)
-    return Sigmoid(a, floor=floor, time_scale=time_scale)
-
-
-def shifted(schedule: Sigmoid, delta: float) -> Sigmoid:
-    """A copy of ``schedule`` with ``a_l + delta`` for every level (``b`` unchanged; spec §8.6)."""
-    out = copy.deepcopy(_check_sigmoid(schedule))
-    with torch.no_grad():
-        out.a.add_(float(delta))
-    return out
-
-
+# -- the coins' score and the regulariser ----------------------------------------------------------
 def _sigmoid_terms(schedule: Sigmoid, times: torch.Tensor):
     """``(s, p, tau)`` at ``times`` ``(N,)``: ``s = sigmoid(z)`` and ``p`` of shape ``(N, k)``, ``tau = t * scale``."""
     with torch.no_grad():
@@ -365,7 +96,7 @@ def regulariser(schedule: Sigmoid, times: torch.Tensor, costs: torch.Tensor, lam
 def regulariser_gradient(schedule: Sigmoid, times: torch.Tensor, costs: torch.Tensor, lam: float):
     """The exact gradient of ``regulariser``: ``lam C_l sum_n (1 - floor) s (1 - s) (1, tau_n)`` (spec §12
     item 20), as ``(grad_a (k,), grad_b (k,))`` float64."""
-    s, _, tau = _sigmoid_terms(_check_sigmoid(schedule), times)
+    s, _, tau = _sigmoid_terms(check_sigmoid(schedule), times)
     dp = (1.0 - schedule.floor) * s * (1 - s)  # (N, k)
     c = lam * costs.to("cpu", F64)
     return c * dp.sum(0), c * (dp * tau[:, None]).sum(0)
@@ -456,7 +187,7 @@ def path_jvp(problem: LearningProblem, schedule: Sigmoid, paths: PathSet, direct
     graph is kept, so memory does not depend on the number of steps. Coins are per sample
     (``coupling="sample"``), drawn from ``seed`` or replayed from a pattern (``coins=``).
     """
-    _check_sigmoid(schedule)
+    check_sigmoid(schedule)
     k, M = problem.num_levels, len(paths)
     directions = torch.as_tensor(directions, dtype=F64)
     if tuple(directions.shape) != (2, k, M):
@@ -496,7 +227,7 @@ def estimate_gradient(problem: LearningProblem, schedule: Sigmoid, paths: PathSe
 
     ``seed`` fixes the coins and directions of this draw.
     """
-    _check_sigmoid(schedule)
+    check_sigmoid(schedule)
     if direction not in ("sample", "batch"):
         raise ValueError(f"direction must be 'sample' or 'batch', got {direction!r}")
     seed = check_seed(seed)
@@ -597,7 +328,7 @@ def fit_probabilities(problem: LearningProblem, schedule: Sigmoid, paths: PathSe
         seed: fixes the minibatches, coins and directions of every step.
         callback: ``callback(step, record)`` after each step. progress: a tqdm bar.
     """
-    _check_sigmoid(schedule)
+    check_sigmoid(schedule)
     for name, value in (("steps", steps), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -684,111 +415,3 @@ def fit_probabilities(problem: LearningProblem, schedule: Sigmoid, paths: PathSe
                 "learn_b": learn_b, "max_step": max_step, "lr_decay": lr_decay, "average": average, "seed": seed,
                 "paths": total}
     return FitResult(fitted, history, settings)
-
-
-# -- evaluation ------------------------------------------------------------------------------------
-@dataclass
-class Evaluation:
-    """A schedule (or a replayed coin pattern) measured on a set of paths.
-
-    ``error``: mean loss over the paths (the MSE with the default loss); ``error_se``: its standard error
-    over paths. ``cost``: realised cost per path by the core's exact rule (``stats.cost / M``);
-    ``expected_cost``: its expectation over the coins; ``theory_cost``: the paper's ``sum p C``, both per
-    path. ``losses``: ``(M,)``. ``stats``: the solve's ``Stats``.
-    """
-
-    error: float
-    error_se: float
-    cost: float
-    expected_cost: float
-    theory_cost: float
-    losses: torch.Tensor
-    stats: Optional[Stats] = None
-
-    def as_dict(self) -> dict:
-        return {"error": self.error, "error_se": self.error_se, "cost": self.cost,
-                "expected_cost": self.expected_cost, "theory_cost": self.theory_cost}
-
-
-def evaluate(problem: LearningProblem, schedule, paths: PathSet, *, coupling: str = "sample",
-             coins: Union[str, CoinScheme, torch.Tensor] = "independent", seed: int = 0) -> Evaluation:
-    """Runs ML-EM with ``schedule`` on ``paths`` (no gradients) and measures error and realised cost.
-
-    ``coupling="sample"`` with independent coins measures the error averaged over coin draws;
-    ``coupling="batch"`` shares one draw across the paths (GPU batching); ``coins`` may be a pattern
-    (``best_of_n(...).pattern``) to replay.
-    """
-    with torch.no_grad():
-        x, stats, _ = problem.solve(schedule, paths, coupling=coupling, coins=coins, seed=seed)
-        losses = problem.loss(x, paths.reference).detach().to("cpu", F64).reshape(-1)
-    M = losses.numel()
-    se = float(losses.std() / math.sqrt(M)) if M > 1 else float("nan")
-    return Evaluation(float(losses.mean()), se, stats.cost / M, stats.expected_cost / M, stats.theory_cost / M,
-                      losses, stats)
-
-
-@dataclass
-class SweepPoint:
-    """One point of a Delta sweep: the shift, the shifted schedule and its ``Evaluation``."""
-
-    delta: float
-    schedule: Sigmoid
-    evaluation: Evaluation
-
-    def as_dict(self) -> dict:
-        return {"delta": self.delta, **self.evaluation.as_dict()}
-
-
-def delta_sweep(schedule: Sigmoid, deltas: Sequence[float], evaluate: Callable[[Sigmoid], Evaluation]) -> list:
-    """The cost-error curve of one learned schedule: ``evaluate(shifted(schedule, delta))`` for each
-    ``delta`` (spec §8.6; ``delta > 0`` raises every ``p_l``: more compute, less error). Returns
-    ``SweepPoint``s in the order of ``deltas``. Evaluate on held-out paths, with one coin seed for all
-    ``delta`` (then the realised cost is monotone in ``delta`` too: each coin is ``u < p`` with the same
-    ``u``)."""
-    out = []
-    for delta in deltas:
-        s = shifted(schedule, float(delta))
-        out.append(SweepPoint(float(delta), s, evaluate(s)))
-    return out
-
-
-@dataclass
-class BestOfN:
-    """Result of ``best_of_n``: ``pattern`` (bool ``(N, k)``, the chosen batch-shared coins), ``index`` of
-    the chosen draw, and for every draw its ``errors`` and realised ``costs`` (per path) on the selection set,
-    and the coin ``seeds``. ``replay()`` gives the pattern as a ``Replay`` coin scheme."""
-
-    pattern: torch.Tensor
-    index: int
-    errors: list
-    costs: list
-    seeds: list
-    patterns: list
-
-    def replay(self) -> Replay:
-        return Replay(self.pattern)
-
-
-def best_of_n(problem: LearningProblem, schedule, paths: PathSet, n: int = 15, *, seed: int = 0) -> BestOfN:
-    """Draws ``n`` coin patterns shared by the batch (``coupling="batch"``) with ``schedule``'s
-    probabilities, measures each on the selection set ``paths`` and keeps the one with the smallest mean
-    loss (spec §9.6; the costs are reported, and nearly equal). Deterministic given ``seed``; ``n = 1`` is a
-    plain draw. Generate with ``evaluate(problem, schedule, heldout, coupling="batch", coins=result.pattern)``
-    (the ``1/p`` weights still come from ``schedule``)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    seed = check_seed(seed)
-    if seed is None:
-        raise ValueError("seed must be a non-negative integer")
-    errors, costs, seeds, patterns = [], [], [], []
-    for i in range(n):
-        draw_seed = derive_seed(seed, i)
-        with torch.no_grad():
-            x, stats, drift = problem.solve(schedule, paths, coupling="batch", seed=draw_seed, record=True)
-            losses = problem.loss(x, paths.reference).detach().to("cpu", F64)
-        errors.append(float(losses.mean()))
-        costs.append(stats.cost / len(paths))
-        seeds.append(draw_seed)
-        patterns.append(drift.recorded_coins())
-    index = int(np.argmin(errors))
-    return BestOfN(patterns[index], index, errors, costs, seeds, patterns)
