@@ -299,7 +299,7 @@ for _mode, _suffix in (("I;16", ".png"), ("I;16", ".tif"), ("I;16B", ".tif"), ("
     for _channels in (1, 3):
         @case(4, f"a {_mode} ramp saved as {_suffix} loads over its full range ({_channels} channel(s))")
         def _(mode=_mode, suffix=_suffix, channels=_channels):
-            from multilevel_sde.diffusion.data import _load_one
+            from multilevel_sde.diffusion.images import _load_one
 
             im, u = _ramp_image(mode)
             path = fresh(f"img-{mode.replace(';', '_')}{suffix}-{channels}") / f"ramp{suffix}"

@@ -1,4 +1,4 @@
-"""Data loaders (multilevel_sde/diffusion/data.py). Every image here is generated in tmp_path; no CelebA."""
+"""Data loaders (multilevel_sde/diffusion/data.py, decoding in images.py). Every image here is generated in tmp_path; no CelebA."""
 
 import importlib.util
 import os
@@ -11,6 +11,7 @@ import torch
 Image = pytest.importorskip("PIL.Image")
 
 from multilevel_sde.diffusion import data as D  # noqa: E402
+from multilevel_sde.diffusion import images as decoding  # noqa: E402
 
 BLUE, RED, GREEN = (0, 0, 255), (255, 0, 0), (0, 255, 0)
 
@@ -196,10 +197,10 @@ def test_threaded_decoding_keeps_order_and_skips(tmp_path, monkeypatch, capsys):
     for i in range(9):
         Image.fromarray(np.full((20, 20, 3), 20 * i, np.uint8)).save(root / f"{i}.png")
     (root / "4.png").write_bytes(b"broken")
-    monkeypatch.setattr(D, "_THREAD_MIN_FILES", 1)
+    monkeypatch.setattr(decoding, "_THREAD_MIN_FILES", 1)
     with pytest.warns(UserWarning, match="skipped 1"):
         threaded = D.folder_dataset(root, 4, workers=2, progress=True)
-    monkeypatch.setattr(D, "_THREAD_MIN_FILES", 10**9)
+    monkeypatch.setattr(decoding, "_THREAD_MIN_FILES", 10**9)
     with pytest.warns(UserWarning, match="skipped 1"):
         serial = D.folder_dataset(root, 4, workers=1)
     assert torch.equal(threaded.images, serial.images) and len(serial) == 8

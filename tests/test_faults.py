@@ -186,7 +186,7 @@ def _ramp(mode: str):
 
 @pytest.mark.parametrize("mode", ["I;16", "I", "F", "L", "LA", "La", "1", "P", "RGB", "RGBA", "CMYK", "LAB"])
 def test_every_image_mode_converts_without_clipping(mode, tmp_path):
-    from multilevel_sde.diffusion.data import _to_mode
+    from multilevel_sde.diffusion.images import _to_mode
 
     im, u = _ramp(mode)
     got = np.asarray(_to_mode(im, "L"), dtype=np.float64) / 255.0
