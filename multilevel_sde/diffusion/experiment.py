@@ -13,17 +13,18 @@ Learning uses a selection set of noises and paths; every reported point comes fr
 
 Compute is measured three ways per sample: FLOPs (realised, by the core's exact rule), network evaluations,
 and wall time. ``frontier.summarise`` turns the points into speedups; ``report.write_all`` writes the report.
+What to run is an :class:`ExperimentConfig` (experiment_config.py); the gamma fits, the notes and ``rescore``
+are in experiment_results.py. This module measures the points.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -36,151 +37,17 @@ from ..files import (DamagedFileError, append_line, atomic_write_json, atomic_wr
                      clean_stale_temporaries, read_json)
 from ..learning import LearningProblem, PathSet, evaluate, fit_probabilities, shifted, sigmoid_from_probabilities
 from ..probabilities import Adaptive, Constant, Sigmoid
-from ..scaling import estimate_gamma
 from ..sde import MultilevelSDE
-from .data import save_image_grid
+from .grids import save_image_grid
+from .experiment_config import PROTOCOL_STEPS, STRATEGIES, ExperimentConfig, fixed_probabilities, network_flops
+from .experiment_results import drift_gamma, ladder_gamma, rescore, run_notes, unthresholded_notes
 from .levels import DenoiserLevel
 from .sample import diffusion_of, brownian_path, build_drift, initial_noise, sample
 from .schedule import NoiseSchedule, StepGrid, respaced_timesteps
 from .stitch import stitch_sample
-from .unet import unet_flops
 
-__all__ = ["ExperimentConfig", "Experiment", "run_experiment", "network_flops", "fixed_probabilities"]
-
-PROTOCOL_STEPS = (250, 500, 750, 900, 1000)
-STRATEGIES = ("inverse-cost", "theory", "learned", "adaptive")
-_KEY_FIELDS = ("heldout", "select", "batch", "reference_steps", "mlem_networks", "coupling", "learn_steps",
-               "learn_batch", "learn_grid", "schedule", "seed")
-
-
-@dataclass
-class ExperimentConfig:
-    """What to run. Sizes are numbers of images; ``heldout`` images give every reported point.
-
-    Attributes:
-        heldout, select: images in the held-out (reported) and selection (learning) sets.
-        batch: images per sampling call (the held-out set runs in chunks of this size; the selection set is
-            always one chunk of ``select`` images).
-        samplers: ``("ddpm", "ddim")`` or a subset.
-        em_steps: EM step counts (every network); ``reference_steps`` the reference's. The paper's protocol is
-            {250, ..., 1000}; the default adds 10 to 100 steps, so that EM's frontier is measured where ML-EM's
-            cheap points lie (interpolating across a gap in it would credit ML-EM with a speedup EM has).
-        mlem_networks: indices of the three ML-EM networks, cheapest first (None: smallest, middle, largest).
-        mlem_steps: the grids ML-EM runs on.
-        p_top: the sweep of the fixed strategies, by the top network's probability.
-        strategies: any of "inverse-cost", "theory", "learned", "adaptive" (Giles' variance-optimal rule,
-            ``mlsde.Adaptive``: a pilot on the selection set, scaled to the inverse-cost points' nominal costs).
-        stratified: the strategies also run with stratified coins (``StratifiedCoins``, the same probabilities;
-            a learned schedule is fitted with independent coins and only evaluated with stratified ones).
-        comonotone: the strategies also run with comonotone coins (``ComonotoneCoins``: one uniform per step
-            shared by the levels; unbiased like independent coins), evaluated like ``stratified``.
-        coupling: ML-EM coins per sample ("sample": the measured MSE is the mean over coin draws) or shared by
-            a batch ("batch", the paper's GPU batching).
-        learn_steps, learn_batch, learn_grid, deltas: the learned strategy: SGD steps, paths per step, the
-            grid it learns on, and the Delta sweep.
-        tstitch_fractions, tstitch_steps: T-Stitch switch points (fraction of steps on the small network).
-        threshold: MSE threshold per sampler (None: top vs second-largest network at ``reference_steps``).
-        schedule, T: the noise schedule to sample with ("cosine" or "linear") and its steps. None: the one the
-            networks were trained with (``load_level`` records it from the checkpoint), else cosine and 1000. A
-            schedule given that differs from the recorded one is refused (``Experiment`` raises ValueError).
-        seed: the held-out set's seed (the selection set's is derived from it).
-    """
-
-    heldout: int = 64
-    select: int = 32
-    batch: int = 64
-    samplers: tuple = ("ddpm", "ddim")
-    em_steps: tuple = (10, 25, 50, 100) + PROTOCOL_STEPS
-    reference_steps: int = 1000
-    mlem_networks: Optional[tuple] = None
-    mlem_steps: tuple = (1000, 500, 250)
-    p_top: tuple = (0.5, 0.25, 0.1, 0.05, 0.02)
-    strategies: tuple = ("inverse-cost", "theory", "learned")
-    stratified: tuple = ("inverse-cost",)
-    comonotone: tuple = ()
-    coupling: str = "sample"
-    learn_steps: int = 20
-    learn_batch: int = 32
-    learn_grid: int = 250
-    deltas: tuple = (-2.0, -1.0, 0.0, 1.0, 2.0)
-    tstitch_fractions: tuple = (0.2, 0.4, 0.6, 0.8)
-    tstitch_steps: tuple = (1000, 250)
-    threshold: Optional[dict] = None
-    schedule: Optional[str] = None
-    seed: int = 0
-    grid_images: int = 8
-    T: Optional[int] = None
-
-    def validate(self) -> "ExperimentConfig":
-        if self.schedule not in (None, "cosine", "linear"):
-            raise ValueError(f"schedule must be None, 'cosine' or 'linear', got {self.schedule!r}")
-        if self.T is not None and (isinstance(self.T, bool) or not isinstance(self.T, int) or self.T < 1):
-            raise ValueError(f"T must be None or a positive integer, got {self.T!r}")
-        for name in ("heldout", "select", "batch", "learn_steps", "learn_batch", "reference_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        bad = set(self.samplers) - {"ddpm", "ddim"}
-        if bad or not self.samplers:
-            raise ValueError(f"samplers must be a non-empty subset of ('ddpm', 'ddim'), got {self.samplers!r}")
-        if isinstance(self.stratified, bool):  # the older flag: inverse cost with stratified coins, or nothing
-            self.stratified = ("inverse-cost",) if self.stratified else ()
-        for name in ("strategies", "stratified", "comonotone"):
-            if isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a tuple of strategy names, got the string {getattr(self, name)!r}")
-            bad = set(getattr(self, name)) - set(STRATEGIES)
-            if bad:
-                raise ValueError(f"unknown {name} {sorted(bad)}; known: {', '.join(STRATEGIES)}")
-        for name in ("em_steps", "mlem_steps", "tstitch_steps"):
-            for s in getattr(self, name):
-                if not isinstance(s, int) or not 1 <= s <= self.reference_steps:
-                    raise ValueError(f"{name} must hold integers in [1, {self.reference_steps}], got {s!r}")
-        for p in self.p_top:
-            if not 0 < p <= 1:
-                raise ValueError(f"p_top values must lie in (0, 1], got {p!r}")
-        for f in self.tstitch_fractions:
-            if not 0 <= f <= 1:
-                raise ValueError(f"tstitch_fractions must lie in [0, 1], got {f!r}")
-        if self.coupling not in ("sample", "batch"):
-            raise ValueError(f"coupling must be 'sample' or 'batch', got {self.coupling!r}")
-        nets = self.mlem_networks
-        if nets is not None and (not nets or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in nets)
-                                 or list(nets) != sorted(set(nets))):
-            raise ValueError(f"mlem_networks must be increasing indices >= 0, got {nets!r}")
-        return self
-
-    def key(self, models: Sequence[nn.Module] = ()) -> str:
-        """A short hash of what a point's value depends on besides its label: the held-out set, the reference,
-        the coins' coupling, the ML-EM networks, the learning settings, and the networks' weights. A cached
-        point is reused only under the same key, so sweeps can be extended (more step counts, more ``p_top``)
-        without measuring the old points again."""
-        fields = {name: getattr(self, name) for name in _KEY_FIELDS}
-        if fields["schedule"] is None:  # the default, cosine (keys of earlier runs stay valid)
-            fields["schedule"] = "cosine"
-        if self.T not in (None, 1000):
-            fields["T"] = self.T
-        fields["learn_start"] = float(np.median(self.p_top))  # the learned fit starts from it
-        digest = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode())
-        for model in models:
-            for name, tensor in model.state_dict().items():
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:12]
-
-
-def network_flops(model: nn.Module, image_shape: Sequence[int]) -> float:
-    """FLOPs per sample of one forward of ``model`` on ``(C, H, W)`` images (``unet.unet_flops``)."""
-    channels, height, width = image_shape
-    return unet_flops(model, (int(height), int(width)), int(channels))
-
-
-def fixed_probabilities(costs: Sequence[float], p_top: float, alpha_over_gamma: float = 1.0) -> list:
-    """``p_l = min(1, p_top (C_top / C_l)^(alpha/gamma))``, with ``p = 1`` for the cheapest network (it is the
-    base of the telescoping sum and is paid every step anyway). ``alpha/gamma = 1`` is inverse cost."""
-    top = costs[-1]
-    p = [min(1.0, p_top * (top / c) ** alpha_over_gamma) for c in costs]
-    p[0] = 1.0
-    return p
+__all__ = ["ExperimentConfig", "Experiment", "run_experiment", "rescore", "network_flops", "fixed_probabilities",
+           "PROTOCOL_STEPS", "STRATEGIES"]
 
 
 @dataclass
@@ -323,36 +190,14 @@ class Experiment:
         return float("nan")
 
     def gamma(self, sampler: str = "ddpm") -> Optional[dict]:
-        """gamma from the 1000-step sample MSE of every network but the top against the top's (spec §9.7)."""
-        rows = [(p["flops"] / self.config.reference_steps, p["mse"], self.names[p["networks"][0]])
-                for p in self.points if p["sampler"] == sampler and p["family"] == "em"
-                and p["steps"] == self.config.reference_steps and p["networks"][0] < len(self.models) - 1]
-        rows = [r for r in rows if r[1] > 0]
-        if len(rows) < 2:
-            return None
-        flops, errors, names = zip(*rows)
-        out = dict(flops=list(flops), error=list(errors), names=list(names),
-                   quantity=f"MSE of each network's {self.config.reference_steps}-step {sampler.upper()} samples "
-                            "to the top network's")
-        try:
-            est = estimate_gamma(errors, flops, squared=True)
-        except ValueError as err:  # errors that do not fall with cost: no gamma
-            return dict(out, slope=float("nan"), intercept=float("nan"), gamma=float("nan"),
-                        interval=[float("nan")] * 2, problem=str(err))
-        return dict(out, slope=est.fit.slope, intercept=est.fit.intercept, gamma=est.gamma,
-                    interval=list(est.interval))
+        """gamma from the 1000-step sample MSE of every network but the top against the top's (spec §9.7;
+        ``experiment_results.ladder_gamma``)."""
+        return ladder_gamma(self.points, self.names, self.config.reference_steps, sampler)
 
     def gamma_drift(self, differences: dict) -> Optional[dict]:
         """gamma from each network's distance to the top network's ``x0`` estimate along the reference trajectory
-        (an RMS-type error of the drift itself: ``log eps = c - (1/gamma) log C``)."""
-        errors = [float(np.mean(row)) for row in differences["to_top"]]
-        try:
-            est = estimate_gamma(errors, self.flops[:-1])
-        except ValueError as err:
-            return dict(gamma=float("nan"), interval=[float("nan")] * 2, problem=str(err), error=errors)
-        return dict(gamma=est.gamma, interval=list(est.interval), slope=est.fit.slope, error=errors,
-                    flops=self.flops[:-1], quantity="RMS of each network's clipped x0 estimate to the top network's "
-                                                     "along the reference trajectory")
+        (``experiment_results.drift_gamma``)."""
+        return drift_gamma(differences, self.flops)
 
     def fixed(self, sampler: str, reference: torch.Tensor, gamma: Optional[float]) -> None:
         nets = self.mlem_networks
@@ -585,41 +430,9 @@ class Experiment:
         atomic_write_json(self.out / "results.json", results, indent=1, default=float)
         return results
 
-    def notes(self, gamma: Optional[dict], gamma_drift: Optional[dict]) -> list:
-        out = ["Every point is measured on the held-out set (its own initial noises and Brownian paths); the "
-               "learned probabilities were fitted on a separate selection set.",
-               "The Poisson (continuous-time) solver does not apply here: the DDPM/DDIM updates are defined on "
-               "their own non-uniform step grid with step-dependent coefficients, not as an SDE evaluated at "
-               "arbitrary times."]
-        if gamma is not None and not math.isfinite(gamma["gamma"]):
-            out.append(f"No gamma: {gamma.get('problem', 'too few networks')}. The theory strategy was skipped.")
-        elif gamma is not None and gamma["gamma"] <= 2:
-            out.append(f"The ladder's measured gamma is {gamma['gamma']:.2f} (interval {gamma['interval'][0]:.2f}–"
-                       f"{gamma['interval'][1]:.2f}), not above 2: the networks are not 'harder than Monte Carlo' "
-                       "over this range, so ML-EM's polynomial speedup does not apply; what remains is a constant "
-                       "factor, limited by how much the adjacent networks differ.")
-        if gamma_drift is not None and math.isfinite(gamma_drift["gamma"]):
-            lo, hi = gamma_drift["interval"]
-            out.append(f"From the drift itself ({gamma_drift['quantity']}): gamma = {gamma_drift['gamma']:.2f} "
-                       f"(95% interval {lo:.2f}–{hi:.2f}).")
-        elif gamma_drift is not None:
-            out.append(f"From the drift itself: no gamma ({gamma_drift['problem']}).")
-        return out
-
-    @staticmethod
-    def unthresholded_notes(unthresholded: dict) -> list:
-        """The best speedup of each curve over every MSE, threshold or not (so a threshold that leaves no
-        overlap does not hide how far ML-EM is from EM)."""
-        out = []
-        for sampler, entry in unthresholded.items():
-            parts = []
-            for curve, by_cost in entry["curves"].items():
-                best = by_cost["flops"]["all"]
-                if math.isfinite(best["max"]):
-                    parts.append(f"{curve}: {best['max']:.2g}x at MSE {best['mse_at_max']:.2g}")
-            if parts:
-                out.append(f"{sampler.upper()}{_UNTHRESHOLDED} " + "; ".join(parts) + ".")
-        return out
+    # the notes of results.json (experiment_results.py), also reachable as methods
+    notes = staticmethod(run_notes)
+    unthresholded_notes = staticmethod(unthresholded_notes)
 
     def save_grids(self, summary: dict) -> list:
         """PNG rows per sampler: the reference; the most accurate point of the best ML-EM curve (of any ML-EM
@@ -649,37 +462,6 @@ class Experiment:
                 f"({chosen['flops']:.3g} FLOPs, MSE {chosen['mse']:.3g})\n")
             names.append(name)
         return names
-
-
-_UNTHRESHOLDED = ", without the threshold, max FLOP speedup over all EM points:"
-
-
-def rescore(out_dir) -> dict:
-    """Recomputes the speedups of a finished experiment from the points in ``out_dir/results.json`` (after a
-    change to how they are computed, :mod:`.frontier`) and rewrites ``results.json``, ``report.md`` and the
-    figures; the measured points, thresholds and sample grids stay as they are."""
-    from .frontier import summarise
-    from .report import write_all
-
-    out = Path(out_dir)
-    path = out / "results.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no results.json in {os.fspath(out)!r}: rescore needs a finished experiment")
-    results = read_json(path, "experiment results", "re-run the experiment with the same command: its measured "
-                        "points are cached in points.jsonl and are reused")
-    if not isinstance(results, dict) or not isinstance(results.get("points"), list):
-        raise DamagedFileError(f"{os.fspath(path)!r} is not an experiment's results.json (no list of points); "
-                               "re-run the experiment that wrote the folder")
-    check_writable_folder(out, "experiment folder")  # before any work: it rewrites files there
-    clean_stale_temporaries(out)
-    points, thresholds = results["points"], results.get("thresholds") or {}
-    results["summary"] = summarise(points, thresholds)
-    results["summary_no_threshold"] = summarise(points, {sampler: 0.0 for sampler in thresholds})
-    notes = [n for n in results.get("notes") or [] if _UNTHRESHOLDED not in n]
-    results["notes"] = notes + Experiment.unthresholded_notes(results["summary_no_threshold"])
-    write_all(results, out)
-    atomic_write_json(path, results, indent=1, default=float)
-    return results
 
 
 def run_experiment(models: Sequence[nn.Module], image_shape: Sequence[int], out_dir,
