@@ -5,7 +5,7 @@
 #
 #   CELEBA=/path/to/img_align_celeba_parent bash benchmarks/celeba16_cpu.sh     # about 1.5 h on 2 cores
 #   (plus the distillation levers, steps 3-11: ~2.6 h of training and eleven ~20-min experiments; DISTILLED=0 skips
-#   them; steps 12-13, the nested ladders: ~1 h of training and one or two experiments each; NESTED=1 runs them even
+#   them; steps 12-14, the nested ladders: ~1 h of training and one or two experiments each; NESTED=1 runs them even
 #   with DISTILLED=0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -200,4 +200,24 @@ if [ "${DISTILLED:-1}" = 1 ] || [ "${NESTED:-0}" = 1 ]; then
     --strategies inverse-cost,theory,learned,adaptive --stratified inverse-cost,theory,learned \
     --comonotone inverse-cost,theory,adaptive --tstitch-steps 50,25 > "$OUT/ddpm-nested-wide-3.log" 2>&1
   echo "done: $OUT/ddpm-nested-wide-3/report.md"
+fi
+
+# 14. the training options of step 12's ladder that aim at ML-EM's variance (NESTED=1, or with the levers above):
+#     --nested-target next (each smaller width regresses the next larger width's eps: the rung-to-rung distance
+#     ML-EM pays for) and --rung-weight 4 (the smaller widths' losses weighed 4x beside the top's), each 4000 joint
+#     steps like step 12, then step 12's experiment on widths 3, 10, 24
+if [ "${DISTILLED:-1}" = 1 ] || [ "${NESTED:-0}" = 1 ]; then
+  for variant in "next --nested-target next" "rw4 --rung-weight 4"; do
+    set -- $variant
+    OMP_NUM_THREADS=${THREADS:-1} "$PY" -m multilevel_sde.cli train --nested nested-cpu "${@:2}" --data "celeba:$CELEBA" \
+      --image-size 16 --steps 4000 --batch-size 64 --lr 5e-4 --warmup 100 --eval-every 1000 --checkpoint-every 500 \
+      --out "$WORK/celeba16-nested-$1" --no-progress > "$WORK/celeba16-nested-$1.json"
+    cp "$WORK/celeba16-nested-$1/log.json" "$OUT/nested-$1-train-log.json"
+    OMP_NUM_THREADS=1 "$PY" -m multilevel_sde.cli experiment "$WORK/celeba16-nested-$1" --out "$OUT/ddpm-nested-$1-3" \
+      --samplers ddpm --mlem-networks 0,2,4 "${ARGS[@]}" --mlem-steps 50,25,10 \
+      --title "CelebA 16x16, one nested UNet trained jointly for 4000 steps (${*:2}), ML-EM on widths 3, 10, 24, DDPM (CPU)" \
+      --strategies inverse-cost,theory,learned --stratified inverse-cost,theory,learned \
+      --comonotone inverse-cost,theory --tstitch-steps 50,25 > "$OUT/ddpm-nested-$1-3.log" 2>&1 &
+  done
+  wait
 fi
