@@ -12,17 +12,18 @@
     batch and one per sample. Timed side by side:
       * T: the ML-EM solve, ``mlsde.sdeint(sde, y0, ts, seed=...)`` (the seed fixes the coins, so every run
         makes the same level calls);
-      * L: the same level calls made directly, without the library: each call's level and batch size is
-        logged once by the levels themselves (and checked against the solve's ``stats.calls`` and
-        ``stats.evaluations``), then replayed in order on a ready input of that batch size;
-      * E: plain EM of the same SDE with a zero-cost drift (one preallocated zero tensor): the noise, the EM
-        update and the loop, which any EM solve pays whatever its drift.
-    Bookkeeping (coins, sub-batches, the weighted sum, statistics, checks) = T - L - E, as a fraction of T
-    -- targets: <= 10 % with batch coins, <= 30 % per sample. (T - L) / T, everything outside the network
-    calls, is printed beside it, and so is the level time the solve's own statistics record (a cross-check
-    of L made inside the solve, where the networks share the cache with everything else). Cross-check: Z, the
-    same solve (same coins, calls and sub-batches) with zero-cost levels; (Z - E) / T is the bookkeeping with no
-    network time to subtract, which a busy machine disturbs less (but it misses the networks' cache effects).
+      * R: plain EM of the same SDE whose drift makes the same level calls, step by step, on the live state
+        (``SameCalls``: each call's level, batch size and time is logged once by the levels themselves and
+        checked against the solve's ``stats``): the networks, the noise, the EM update and the loop, interleaved
+        as in the solve, with none of ML-EM's work;
+      * L: the same level calls made directly, in order, on a ready input of each batch size;
+      * E: plain EM of the same SDE with a zero-cost drift (one preallocated zero tensor).
+    Bookkeeping (coins, sub-batches, the weighted sum, statistics, checks) = (T - R) / T -- targets: <= 10 % with
+    batch coins, <= 30 % per sample. Printed beside it: (T - L - E) / T, the first definition, which also charges
+    ML-EM with the networks running slower inside any solve than alone ((R - L - E) / T: the noise and the
+    updates take their cache); (T - L) / T, everything outside the network calls; and Z, the same solve (same
+    coins, calls and sub-batches) with zero-cost levels: (Z - E) / T, the bookkeeping with no network time to
+    subtract (which misses what the weighted sum of real outputs costs).
 
 Every variant of a part is timed once per round (``torch.utils.benchmark.Timer``: one call warms it up and sizes its
 block, then one ``timeit`` of that block a round; the order rotates between rounds), under
@@ -130,7 +131,7 @@ def part_a(cfg: dict, log=print) -> dict:
 # -- (b) ML-EM bookkeeping --------------------------------------------------------------------------------------
 class MLP(nn.Module):
     """``f(t, y) = net(y)``: Linear(d, w) - Tanh - Linear(w, w) - Tanh - Linear(w, d). While ``log`` is a list,
-    every call appends ``(index, batch size)`` to it."""
+    every call appends ``(index, batch size, t)`` to it."""
 
     def __init__(self, dim: int, width: int, index: int):
         super().__init__()
@@ -140,7 +141,7 @@ class MLP(nn.Module):
 
     def forward(self, t, y):
         if self.log is not None:
-            self.log.append((self.index, y.shape[0]))
+            self.log.append((self.index, y.shape[0], float(t)))
         return self.net(y)
 
 
@@ -155,8 +156,26 @@ class ZeroLevel(nn.Module):
         return self.zero[: y.shape[0]]
 
 
+class SameCalls:
+    """A plain drift for the control R: at its n-th call it makes the level calls of the ML-EM solve's n-th step
+    (``steps[n]``, ``[(level, batch size)]``) on the live state (a sub-batch: its first rows, a view) and returns the
+    output of the step's first whole-batch call. An EM solve with this drift pays the same network calls as the
+    ML-EM solve, interleaved with the same noise and updates, but none of ML-EM's bookkeeping."""
+
+    def __init__(self, levels: list, steps: list):
+        self.levels, self.steps, self.n = levels, steps, 0
+
+    def __call__(self, t, y):
+        out = None
+        for m, b in self.steps[self.n]:
+            f = self.levels[m](t, y if b == y.shape[0] else y[:b])
+            out = f if out is None and b == y.shape[0] else out
+        self.n += 1
+        return out
+
+
 def logged_calls(levels: list, solve) -> tuple[list, mlsde.Stats]:
-    """The ``(level, batch size)`` of every level call ``solve()`` makes, in order, and its stats."""
+    """The ``(level, batch size, t)`` of every level call ``solve()`` makes, in order, and its stats."""
     calls = []
     for lvl in levels:
         lvl.log = calls
@@ -188,12 +207,18 @@ def part_b(cfg: dict, log=print) -> dict:
         def solve(sde=sde, **kw):
             return mlsde.sdeint(sde, y0, ts, seed=SEED, **kw)
 
-        calls, _ = logged_calls(levels, solve)
+        timed_calls, _ = logged_calls(levels, solve)
         again, stats = logged_calls(levels, solve)  # a warm solve's stats
+        calls = [(m, b) for m, b, _ in timed_calls]
+        steps = {}  # the calls of each step, by its time (levels are called with the step's t)
+        for m, b, t in timed_calls:
+            steps.setdefault(t, []).append((m, b))
+        same_calls = SameCalls(levels, list(steps.values()))
+        em_same_calls = mlsde.MultilevelSDE(same_calls, 1.0, dt=dt)
         per_level = [[b for m, b in calls if m == j] for j in range(len(levels))]
         checks = {"calls_match_stats": [len(c) for c in per_level] == list(stats.calls),
                   "evaluations_match_stats": [sum(c) for c in per_level] == list(stats.evaluations),
-                  "same_calls_every_solve": again == calls}
+                  "same_calls_every_solve": again == timed_calls, "steps_match_stats": len(steps) == stats.steps}
         inputs = {b: torch.randn(b, dim, generator=torch.Generator().manual_seed(b)) for b in {b for _, b in calls}}
 
         def replay(calls=calls, inputs=inputs):
@@ -211,6 +236,12 @@ def part_b(cfg: dict, log=print) -> dict:
         if not all(checks.values()):
             raise RuntimeError(f"{coupling}: the logged level calls do not match the solve: {checks}")
         fns[f"mlem[{coupling}]"] = solve
+
+        def em_with_same_calls(same_calls=same_calls, sde=em_same_calls):
+            same_calls.n = 0
+            return mlsde.sdeint(sde, y0, ts, seed=SEED)
+
+        fns[f"em_same_calls[{coupling}]"] = em_with_same_calls
         fns[f"levels_alone[{coupling}]"] = replay
         fns[f"mlem_zero_levels[{coupling}]"] = lambda zero_sde=zero_sde: mlsde.sdeint(zero_sde, y0, ts, seed=SEED)
         out["configs"][coupling] = {"steps": stats.steps, "calls": list(stats.calls),
@@ -219,24 +250,32 @@ def part_b(cfg: dict, log=print) -> dict:
     timed = side_by_side(fns, cfg["b_rounds"], cfg["min_run_time"], log)
     e_rounds = timed["em_zero_drift"]["round_s"]
     for coupling, res in out["configs"].items():
-        t, lv = timed[f"mlem[{coupling}]"]["round_s"], timed[f"levels_alone[{coupling}]"]["round_s"]
-        book = [(a - b - e) / a for a, b, e in zip(t, lv, e_rounds)]  # T, L and E of the same round
-        outside = [(a - b) / a for a, b in zip(t, lv)]
-        zero = [(z - e) / a for z, e, a in zip(timed[f"mlem_zero_levels[{coupling}]"]["round_s"], e_rounds, t)]
+        def rounds(name, coupling=coupling):
+            return timed[f"{name}[{coupling}]"]["round_s"]
+
+        def per_step_us(fracs, t=rounds("mlem"), steps=res["steps"]):
+            return statistics.median(f * a for f, a in zip(fracs, t)) / steps * 1e6
+
+        t, same, lv, zero_t = rounds("mlem"), rounds("em_same_calls"), rounds("levels_alone"), rounds("mlem_zero_levels")
+        book = [(a - r) / a for a, r in zip(t, same)]  # T and R of the same round
+        book_alone = [(a - b - e) / a for a, b, e in zip(t, lv, e_rounds)]
+        in_solve = [(r - b - e) / a for a, r, b, e in zip(t, same, lv, e_rounds)]
+        zero = [(z - e) / a for z, e, a in zip(zero_t, e_rounds, t)]
         frac = statistics.median(book)
-        T = timed[f"mlem[{coupling}]"]["median_s"]
         res.update({
-            "solve_s": T, "levels_alone_s": timed[f"levels_alone[{coupling}]"]["median_s"],
+            "solve_s": timed[f"mlem[{coupling}]"]["median_s"],
+            "em_same_calls_s": timed[f"em_same_calls[{coupling}]"]["median_s"],
+            "levels_alone_s": timed[f"levels_alone[{coupling}]"]["median_s"],
             "em_zero_drift_s": timed["em_zero_drift"]["median_s"],
-            "bookkeeping_frac": frac, "bookkeeping_frac_per_round": book,
-            "bookkeeping_us_per_step": statistics.median(b * a for b, a in zip(book, t)) / res["steps"] * 1e6,
-            "outside_levels_frac": statistics.median(outside),
+            "bookkeeping_frac": frac, "bookkeeping_frac_per_round": book, "bookkeeping_us_per_step": per_step_us(book),
+            "bookkeeping_frac_levels_alone": statistics.median(book_alone),
+            "bookkeeping_frac_levels_alone_per_round": book_alone,
+            "bookkeeping_us_per_step_levels_alone": per_step_us(book_alone),
+            "levels_slower_in_a_solve_frac": statistics.median(in_solve),
+            "outside_levels_frac": statistics.median((a - b) / a for a, b in zip(t, lv)),
             "zero_levels_s": timed[f"mlem_zero_levels[{coupling}]"]["median_s"],
             "bookkeeping_frac_zero_levels": statistics.median(zero), "bookkeeping_frac_zero_levels_per_round": zero,
-            "bookkeeping_us_per_step_zero_levels":
-                statistics.median(z * a for z, a in zip(zero, t)) / res["steps"] * 1e6,
-            "bookkeeping_frac_with_stats_level_time": statistics.median(
-                (a - res["level_s_in_solve_stats"] - e) / a for a, e in zip(t, e_rounds)),
+            "bookkeeping_us_per_step_zero_levels": per_step_us(zero),
             "target": TARGET_BOOKKEEPING[coupling], "met": frac <= TARGET_BOOKKEEPING[coupling]})
     out["times"] = timed
     return out
@@ -263,17 +302,19 @@ def report(res: dict) -> None:
               f"batch {res['settings']['b_batch']}")
         print(f"  plain EM with a zero-cost drift E = {b['times']['em_zero_drift']['median_s'] * 1e3:.1f} ms")
         for coupling, c in b["configs"].items():
-            print(f"  coins per {coupling:6s}: solve T = {c['solve_s'] * 1e3:8.1f} ms, level calls alone "
-                  f"L = {c['levels_alone_s'] * 1e3:8.1f} ms (solve's stats: {c['level_s_in_solve_stats'] * 1e3:.1f}), "
-                  f"calls {c['calls']}")
-            print(f"      bookkeeping (T - L - E) / T = {c['bookkeeping_frac']:6.1%} "
+            print(f"  coins per {coupling:6s}: solve T = {c['solve_s'] * 1e3:8.1f} ms, EM with the same level calls "
+                  f"R = {c['em_same_calls_s'] * 1e3:8.1f} ms, level calls alone L = {c['levels_alone_s'] * 1e3:8.1f} ms "
+                  f"(solve's stats: {c['level_s_in_solve_stats'] * 1e3:.1f}), calls {c['calls']}")
+            print(f"      bookkeeping (T - R) / T = {c['bookkeeping_frac']:6.1%} "
                   f"({c['bookkeeping_us_per_step']:.0f} us a step; per round "
                   + ", ".join(f"{x:.1%}" for x in c["bookkeeping_frac_per_round"])
                   + f")  target <= {c['target']:.0%}: {verdict[c['met']]}")
+            print(f"      with the calls timed alone, (T - L - E) / T = {c['bookkeeping_frac_levels_alone']:.1%} "
+                  f"({c['bookkeeping_us_per_step_levels_alone']:.0f} us a step), of which the networks running slower "
+                  f"inside an EM solve than alone, (R - L - E) / T = {c['levels_slower_in_a_solve_frac']:.1%}")
             print(f"      outside the level calls (T - L) / T = {c['outside_levels_frac']:.1%}; cross-check, "
                   f"zero-cost levels (Z - E) / T = {c['bookkeeping_frac_zero_levels']:.1%} "
                   f"({c['bookkeeping_us_per_step_zero_levels']:.0f} us a step)")
-
 
 def main(argv=None, cfg: dict | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

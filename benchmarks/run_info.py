@@ -29,6 +29,7 @@ def environment(**versions) -> dict:
             "git_commit": commit or None,
             "library_uncommitted_changes": None if changes is None else bool(changes),
             "torch": torch.__version__, **versions, "multilevel_sde": mlsde.__version__,
+            "multilevel_sde_path": str(Path(mlsde.__file__).parent),  # another checkout's library via PYTHONPATH
             "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}

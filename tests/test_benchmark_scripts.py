@@ -41,15 +41,17 @@ def test_overhead_guard_rails_are_measured(tmp_path, capsys):
         assert all(c["checks"].values()) and c["steps"] == steps
         # p_1 = 1: level 1 runs on every sample at every step, whatever the coins
         assert c["calls"][0] == steps and c["evaluations"][0] == steps * batch
-        for key in ("bookkeeping_frac", "outside_levels_frac", "bookkeeping_frac_with_stats_level_time",
-                    "bookkeeping_frac_zero_levels"):
+        for key in ("bookkeeping_frac", "bookkeeping_frac_levels_alone", "outside_levels_frac",
+                    "bookkeeping_frac_zero_levels", "levels_slower_in_a_solve_frac"):
             assert math.isfinite(c[key]) and c[key] < 1
-        assert c["bookkeeping_frac"] < c["outside_levels_frac"]  # E > 0 is taken out
+        # R holds the level calls and E's loop, so taking it out leaves less than T - L; so does T - L - E
+        assert c["bookkeeping_frac"] < c["outside_levels_frac"]
+        assert c["bookkeeping_frac_levels_alone"] < c["outside_levels_frac"]
         assert len(c["bookkeeping_frac_per_round"]) == TINY_OVERHEAD["b_rounds"]
     batch_coins = b["configs"]["batch"]
     assert all(e == n * batch for e, n in zip(batch_coins["evaluations"], batch_coins["calls"]))
     printed = capsys.readouterr().out
-    assert "bit-identical on the shared path: True" in printed and "bookkeeping (T - L - E) / T" in printed
+    assert "bit-identical on the shared path: True" in printed and "bookkeeping (T - R) / T" in printed
 
 
 def test_logged_calls_match_the_solve():
@@ -63,10 +65,19 @@ def test_logged_calls_match_the_solve():
     sde = mlsde.MultilevelSDE(drift, 1.0, dt=0.1)
     y0 = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
     calls, stats = overhead.logged_calls(levels, lambda **kw: mlsde.sdeint(sde, y0, [0.0, 1.0], seed=3, **kw))
-    assert [sum(1 for m, _ in calls if m == j) for j in range(3)] == stats.calls
-    assert [sum(b for m, b in calls if m == j) for j in range(3)] == stats.evaluations
-    assert any(b < 6 for _, b in calls)  # per-sample coins: sub-batches
+    assert [sum(1 for m, _, _ in calls if m == j) for j in range(3)] == stats.calls
+    assert [sum(b for m, b, _ in calls if m == j) for j in range(3)] == stats.evaluations
+    assert any(b < 6 for _, b, _ in calls)  # per-sample coins: sub-batches
     assert all(lvl.log is None for lvl in levels)  # logging switched off afterwards
+
+    # the control R: plain EM whose drift makes the same calls, step by step, on the live state
+    steps = {}
+    for m, b, t in calls:
+        steps.setdefault(t, []).append((m, b))
+    same_calls = overhead.SameCalls(levels, list(steps.values()))
+    em = mlsde.MultilevelSDE(same_calls, 1.0, dt=0.1)
+    replayed, _ = overhead.logged_calls(levels, lambda **kw: mlsde.sdeint(em, y0, [0.0, 1.0], seed=3, **kw))
+    assert [(m, b) for m, b, _ in replayed] == [(m, b) for m, b, _ in calls] and same_calls.n == stats.steps
 
 
 def test_dt_independence_measures_flat_ml_em_and_growing_em(tmp_path):
