@@ -174,6 +174,15 @@ class SameCalls:
         return out
 
 
+def calls_by_step(calls: list) -> list:
+    """The ``(level, batch size)`` of each step's calls, one list a step, from ``logged_calls``' ``(level, batch
+    size, t)`` (the levels are called with their step's time)."""
+    steps = {}
+    for m, b, t in calls:
+        steps.setdefault(t, []).append((m, b))
+    return list(steps.values())
+
+
 def logged_calls(levels: list, solve) -> tuple[list, mlsde.Stats]:
     """The ``(level, batch size, t)`` of every level call ``solve()`` makes, in order, and its stats."""
     calls = []
@@ -210,10 +219,8 @@ def part_b(cfg: dict, log=print) -> dict:
         timed_calls, _ = logged_calls(levels, solve)
         again, stats = logged_calls(levels, solve)  # a warm solve's stats
         calls = [(m, b) for m, b, _ in timed_calls]
-        steps = {}  # the calls of each step, by its time (levels are called with the step's t)
-        for m, b, t in timed_calls:
-            steps.setdefault(t, []).append((m, b))
-        same_calls = SameCalls(levels, list(steps.values()))
+        steps = calls_by_step(timed_calls)
+        same_calls = SameCalls(levels, steps)
         em_same_calls = mlsde.MultilevelSDE(same_calls, 1.0, dt=dt)
         per_level = [[b for m, b in calls if m == j] for j in range(len(levels))]
         checks = {"calls_match_stats": [len(c) for c in per_level] == list(stats.calls),
@@ -256,7 +263,8 @@ def part_b(cfg: dict, log=print) -> dict:
         def per_step_us(fracs, t=rounds("mlem"), steps=res["steps"]):
             return statistics.median(f * a for f, a in zip(fracs, t)) / steps * 1e6
 
-        t, same, lv, zero_t = rounds("mlem"), rounds("em_same_calls"), rounds("levels_alone"), rounds("mlem_zero_levels")
+        t, same, lv = rounds("mlem"), rounds("em_same_calls"), rounds("levels_alone")
+        zero_t = rounds("mlem_zero_levels")
         book = [(a - r) / a for a, r in zip(t, same)]  # T and R of the same round
         book_alone = [(a - b - e) / a for a, b, e in zip(t, lv, e_rounds)]
         in_solve = [(r - b - e) / a for a, r, b, e in zip(t, same, lv, e_rounds)]
@@ -303,8 +311,9 @@ def report(res: dict) -> None:
         print(f"  plain EM with a zero-cost drift E = {b['times']['em_zero_drift']['median_s'] * 1e3:.1f} ms")
         for coupling, c in b["configs"].items():
             print(f"  coins per {coupling:6s}: solve T = {c['solve_s'] * 1e3:8.1f} ms, EM with the same level calls "
-                  f"R = {c['em_same_calls_s'] * 1e3:8.1f} ms, level calls alone L = {c['levels_alone_s'] * 1e3:8.1f} ms "
-                  f"(solve's stats: {c['level_s_in_solve_stats'] * 1e3:.1f}), calls {c['calls']}")
+                  f"R = {c['em_same_calls_s'] * 1e3:8.1f} ms, level calls alone "
+                  f"L = {c['levels_alone_s'] * 1e3:8.1f} ms (solve's stats: {c['level_s_in_solve_stats'] * 1e3:.1f}), "
+                  f"calls {c['calls']}")
             print(f"      bookkeeping (T - R) / T = {c['bookkeeping_frac']:6.1%} "
                   f"({c['bookkeeping_us_per_step']:.0f} us a step; per round "
                   + ", ".join(f"{x:.1%}" for x in c["bookkeeping_frac_per_round"])
@@ -315,6 +324,7 @@ def report(res: dict) -> None:
             print(f"      outside the level calls (T - L) / T = {c['outside_levels_frac']:.1%}; cross-check, "
                   f"zero-cost levels (Z - E) / T = {c['bookkeeping_frac_zero_levels']:.1%} "
                   f"({c['bookkeeping_us_per_step_zero_levels']:.0f} us a step)")
+
 
 def main(argv=None, cfg: dict | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

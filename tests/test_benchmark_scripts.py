@@ -71,10 +71,7 @@ def test_logged_calls_match_the_solve():
     assert all(lvl.log is None for lvl in levels)  # logging switched off afterwards
 
     # the control R: plain EM whose drift makes the same calls, step by step, on the live state
-    steps = {}
-    for m, b, t in calls:
-        steps.setdefault(t, []).append((m, b))
-    same_calls = overhead.SameCalls(levels, list(steps.values()))
+    same_calls = overhead.SameCalls(levels, overhead.calls_by_step(calls))
     em = mlsde.MultilevelSDE(same_calls, 1.0, dt=0.1)
     replayed, _ = overhead.logged_calls(levels, lambda **kw: mlsde.sdeint(em, y0, [0.0, 1.0], seed=3, **kw))
     assert [(m, b) for m, b, _ in replayed] == [(m, b) for m, b, _ in calls] and same_calls.n == stats.steps

@@ -1,4 +1,5 @@
-"""Data loaders (multilevel_sde/diffusion/data.py, decoding in images.py). Every image here is generated in tmp_path; no CelebA."""
+"""Data loaders (multilevel_sde/diffusion/data.py, decoding in images.py). Every image here is generated in
+tmp_path; no CelebA."""
 
 import importlib.util
 import os

@@ -423,16 +423,12 @@ class Experiment:
                        gamma=gamma, gamma_drift=gamma_drift, learned=learned, adaptive=adaptive,
                        level_differences=differences,
                        points=self.points, summary=summary, summary_no_threshold=unthresholded,
-                       notes=self.notes(gamma, gamma_drift) + self.unthresholded_notes(unthresholded), figures=[],
+                       notes=run_notes(gamma, gamma_drift) + unthresholded_notes(unthresholded), figures=[],
                        seconds=time.perf_counter() - started)
         results["figures"] += self.save_grids(summary)
         write_all(results, self.out)
         atomic_write_json(self.out / "results.json", results, indent=1, default=float)
         return results
-
-    # the notes of results.json (experiment_results.py), also reachable as methods
-    notes = staticmethod(run_notes)
-    unthresholded_notes = staticmethod(unthresholded_notes)
 
     def save_grids(self, summary: dict) -> list:
         """PNG rows per sampler: the reference; the most accurate point of the best ML-EM curve (of any ML-EM
