@@ -237,19 +237,21 @@ class MultilevelDrift(nn.Module):
         schedule, k = self._modules["probabilities"], len(self._modules["levels"])
         if dt is None and getattr(schedule, "per_unit_time", False):
             raise ValueError(f"the schedule {schedule!r} depends on the step size: call sample(t, y, dt) with dt")
-        if dt is not None and (isinstance(dt, bool) or not isinstance(dt, (int, float)) or not 0 < dt < float("inf")):
+        if dt is not None and (isinstance(dt, bool) or not isinstance(dt, (int, float)) or not 0 < dt < math.inf):
             raise ValueError(f"dt must be a finite number > 0, got {dt!r}")
         if costs is None:
             costs = self._costs if self._costs is not None else torch.ones(k, dtype=torch.float64)
-        raw = schedule(t, dt, costs)
-        try:
-            p = torch.as_tensor(raw)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(f"probabilities: {schedule!r} returned {type(raw).__name__}, "
-                            f"expected a tensor of {k} values") from err
+        p = schedule(t, dt, costs)
+        if p.__class__ is not torch.Tensor:
+            try:
+                p = torch.as_tensor(p)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise TypeError(f"probabilities: {schedule!r} returned {type(p).__name__}, "
+                                f"expected a tensor of {k} values") from err
+        shape = p.shape
         expected = (k, *t.shape) if isinstance(t, torch.Tensor) else (k,)
-        if p.dim() == 0 or p.shape[0] != k or (self.coupling == "batch" and p.shape != expected):
-            raise ValueError(f"probabilities must give {k} values (one per level), got shape {tuple(p.shape)} "
+        if not shape or shape[0] != k or (self.coupling == "batch" and shape != expected):
+            raise ValueError(f"probabilities must give {k} values (one per level), got shape {tuple(shape)} "
                              f"(expected {expected}) from {schedule!r}")
         host = p.detach().to("cpu", torch.float64)
         if check_values:
@@ -295,8 +297,9 @@ class MultilevelDrift(nn.Module):
             a tensor like ``y``, differentiable in ``y``, the levels' parameters and the schedule's
             parameters (through the ``1/p`` weights, in reverse and forward mode).
         """
-        check_state(y)
-        check_time(t, y.shape[0])
+        if not self._deferred:  # a solver's own times and state are valid by construction
+            check_state(y)
+            check_time(t, y.shape[0])
         batch = y.shape[0]
         costs = self.require_costs(t, y)
         p, p_host = self._probabilities(t, dt, costs, check_values=False)  # (k,), or (k, batch) per-sample times
@@ -422,7 +425,8 @@ class MultilevelDrift(nn.Module):
     # -- finiteness checks --------------------------------------------------------------------------
     @contextlib.contextmanager
     def deferred_checks(self) -> Iterator[None]:
-        """Inside the block ``sample`` does not check its estimate for NaN/inf (a reduction and a host sync a step):
+        """Inside the block ``sample`` does not check its estimate for NaN/inf (a reduction and a host sync a step)
+        nor its time and state (the caller vouches for them: a solver's grid and state are valid by construction):
         a solver checks its state every few steps instead and, when it is not finite, replays the steps since its
         last good check inside ``rewind(checkpoint)``, which names the level and the time (``solvers/base.py``)."""
         self._deferred += 1
