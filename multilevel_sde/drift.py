@@ -112,7 +112,8 @@ class MultilevelDrift(nn.Module):
         self._stats = Stats(self.num_levels, costs=None if self._costs is None else self._costs.tolist())
         self._trackers: list[Stats] = []
         self._stats_targets: tuple[Stats, ...] = (self._stats,)  # what each step and level call is recorded in
-        self._deferred = 0  # > 0 inside deferred_checks(): a solver checks its state instead of each estimate
+        self._deferred = 0  # > 0 inside deferred_checks(): a solver checks its state instead of each estimate, and
+        #                     vouches for the times and states it passes
         self._recording = False
         self.recorded: list[CoinRecord] = []
 
