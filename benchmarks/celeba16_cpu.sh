@@ -221,3 +221,10 @@ if [ "${DISTILLED:-1}" = 1 ] || [ "${NESTED:-0}" = 1 ]; then
   done
   wait
 fi
+
+# 15. the noise-model bound: from the committed points of the three-network experiments above (and the main job's
+#     digits ladder), how far any grid and any constant probabilities could take unbiased ML-EM, and how much closer
+#     the rungs would have to be for 4x (no sampling: seconds)
+"$PY" benchmarks/coin_noise_ceiling.py "$OUT/ddpm-nested-3" "$OUT/ddpm-nested-wide-3" "$OUT/ddpm-nested-rw4-3" \
+  "$OUT/ddpm-nested-next-3" "$OUT/ddpm-selected-12k-xs12k" benchmarks/results/demo-digits16/three-widths \
+  --out "$OUT/coin_noise_ceiling.json" > "$OUT/coin_noise_ceiling.log"
