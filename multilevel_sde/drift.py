@@ -96,9 +96,8 @@ class MultilevelDrift(nn.Module):
         self.probabilities = as_schedule(probabilities)
         tied = getattr(self.probabilities, "num_levels", lambda: None)()
         if tied is not None and tied != self.num_levels:
-            raise ValueError(
-                f"probabilities has {tied} entries but the ladder has {self.num_levels} levels: {self.probabilities!r}"
-            )
+            raise ValueError(f"probabilities has {tied} entries but the ladder has {self.num_levels} levels: "
+                             f"{self.probabilities!r}")
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
         self.coupling = coupling
@@ -112,8 +111,7 @@ class MultilevelDrift(nn.Module):
         self._stats = Stats(self.num_levels, costs=None if self._costs is None else self._costs.tolist())
         self._trackers: list[Stats] = []
         self._stats_targets: tuple[Stats, ...] = (self._stats,)  # what each step and level call is recorded in
-        self._deferred = 0  # > 0 inside deferred_checks(): a solver checks its state instead of each estimate, and
-        #                     vouches for the times and states it passes
+        self._deferred = 0  # > 0 inside deferred_checks(): the solver checks its state and vouches for t and y
         self._recording = False
         self.recorded: list[CoinRecord] = []
 
@@ -249,16 +247,14 @@ class MultilevelDrift(nn.Module):
             except (TypeError, ValueError, RuntimeError) as err:
                 raise TypeError(f"probabilities: {schedule!r} returned {type(p).__name__}, "
                                 f"expected a tensor of {k} values") from err
-        shape = p.shape
         expected = (k, *t.shape) if isinstance(t, torch.Tensor) else (k,)
-        if not shape or shape[0] != k or (self.coupling == "batch" and shape != expected):
-            raise ValueError(f"probabilities must give {k} values (one per level), got shape {tuple(shape)} "
+        if not p.shape or p.shape[0] != k or (self.coupling == "batch" and p.shape != expected):
+            raise ValueError(f"probabilities must give {k} values (one per level), got shape {tuple(p.shape)} "
                              f"(expected {expected}) from {schedule!r}")
         host = p.detach().to("cpu", torch.float64)
         if check_values:
             check_probabilities(host, schedule, t, dt)
         return p, host
-
 
     def expected_cost(self, t: TimeLike, dt: Optional[float]) -> float:
         """Expected cost per sample and step by the exact rule: ``sum_m C_m P(f^m evaluated)``, with

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .unet import AUTOCAST_DTYPES, SeparableUNet, check_int, timestep_embedding
+from .unet import AUTOCAST_DTYPES, SeparableUNet, batch_times, check_int, timestep_embedding
 
 __all__ = ["NestedUNet", "NestedLevel", "nested_loss", "NESTED_PRESETS", "build_nested"]
 
@@ -137,7 +137,7 @@ class NestedUNet(nn.Module):
         norms = iter(self._norms(index))
         weight = net.stem.pointwise.weight
         h = x.to(weight.dtype)
-        temb = timestep_embedding(net._times(t, x.shape[0], x.device), self.time_dim).to(weight.dtype)
+        temb = timestep_embedding(batch_times(t, x.shape[0], x.device), self.time_dim).to(weight.dtype)
         temb = F.silu(net.time_mlp(temb))
 
         def conv(sep, h, c_out):

@@ -88,7 +88,8 @@ from torch.nn import functional as F
 from ..random_streams import fresh_seed
 
 __all__ = ["SeparableUNet", "SepConv", "ResBlock", "PRESETS", "build_unet", "unet_flops", "ladder_presets",
-           "preset_flops", "init_weights", "auto_num_downsamples", "timestep_embedding", "AUTOCAST_DTYPES"]
+           "preset_flops", "init_weights", "auto_num_downsamples", "timestep_embedding", "batch_times",
+           "AUTOCAST_DTYPES"]
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                    "float16": torch.float16}
@@ -140,6 +141,17 @@ def check_image_size(image_size, num_downsamples: int) -> None:
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(groups, channels), channels)
+
+
+def batch_times(t, batch: int, device) -> torch.Tensor:
+    """The ``(batch,)`` times of a network call from one time (number or 1-element tensor) or one per image."""
+    t = torch.as_tensor(t, device=device)
+    if t.dim() == 0 or t.numel() == 1:
+        return t.reshape(1).expand(batch)
+    t = t.reshape(-1)
+    if t.numel() != batch:
+        raise ValueError(f"t has {t.numel()} entries for a batch of {batch} images (give one time or one per image)")
+    return t
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -348,16 +360,6 @@ class SeparableUNet(nn.Module):
         return self._channels_last
 
     # --------------------------------------------------------------------------------------------- forward
-    def _times(self, t, batch: int, device) -> torch.Tensor:
-        t = torch.as_tensor(t, device=device)
-        if t.dim() == 0 or t.numel() == 1:
-            return t.reshape(1).expand(batch)
-        t = t.reshape(-1)
-        if t.numel() != batch:
-            raise ValueError(f"t has {t.numel()} entries for a batch of {batch} images (give one time or one per "
-                             "image)")
-        return t
-
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected images (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
@@ -374,7 +376,7 @@ class SeparableUNet(nn.Module):
         h = x.to(weight.dtype)
         if self._channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
-        temb = timestep_embedding(self._times(t, x.shape[0], x.device), self.time_dim).to(weight.dtype)
+        temb = timestep_embedding(batch_times(t, x.shape[0], x.device), self.time_dim).to(weight.dtype)
         temb = F.silu(self.time_mlp(temb))  # the SiLU of every block's SiLU -> Linear projection, computed once
         h = self.stem(h)
         skips = []
