@@ -255,7 +255,7 @@ def sdeint(
         bm: a Brownian motion ``bm(ta, tb)`` of shape ``(batch, m)`` (a ``GridBrownian`` or torchsde's);
             None: a fresh ``GridBrownian`` on the step grid, seeded from ``seed``.
         method: ``"euler"`` (EM / ML-EM) or ``"poisson"`` (the exact dt -> 0 limit of ML-EM: level l jumps
-            at rate ``p_l(t, dt) / dt``; needs a MultilevelDrift and state-independent noise).
+            at rate ``p_l(t, dt) / dt``; needs a MultilevelDrift with independent coins and state-independent noise).
         dt: step size (default: the SDE's ``dt``, else torchsde's 1e-3); steps follow torchsde's
             ``t <- min(t + dt, ts[-1])`` and outputs are interpolated like torchsde's.
         grid: instead of ``dt``, the exact step times (non-uniform allowed, from ``ts[0]`` to ``ts[-1]``).
@@ -286,7 +286,10 @@ def sdeint(
         return _sdeint_poisson(protocol, sde, y0, ts_host, bm, step, grid, seed, return_stats)
     if grid is None:
         _announce_long_solve("sdeint", float(ts_host[-1] - ts_host[0]) / step, y0)
-    times_np = _user_grid(grid, ts_host, np_dtype) if grid is not None else uniform_grid(ts_host[0], ts_host[-1], step, np_dtype)
+    if grid is not None:
+        times_np = _user_grid(grid, ts_host, np_dtype)
+    else:
+        times_np = uniform_grid(ts_host[0], ts_host[-1], step, np_dtype)
     plan = torchsde_output_plan(times_np, ts_host)
     times = torch.as_tensor(times_np, dtype=ts.dtype).to(ts.device)
     steps = np.diff(times_np).tolist()  # Python floats, as float(h) of each
@@ -322,6 +325,9 @@ def _sdeint_poisson(protocol: _SDEProtocol, sde, y0, ts_host, bm, dt, grid, seed
                          "number or a function of t alone, not g(t, y)")
     if grid is not None:
         raise ValueError("method='poisson' runs on the uniform dt grid; pass dt, not grid")
+    if multilevel.coins.name != "independent":  # its jump clocks are the continuous-time limit of these alone
+        raise ValueError(f"method='poisson' is the limit of independent coins; the drift's coins are "
+                         f"{multilevel.coins!r}: use coins='independent' or method='euler'")
     if bm is not None and not isinstance(bm, GridBrownian):
         raise TypeError(f"method='poisson' reads a shared path from a GridBrownian only, got {type(bm).__name__}")
     if bm is not None and tuple(bm.shape)[0] != y0.shape[0]:

@@ -133,6 +133,16 @@ def test_poisson_refuses_state_dependent_noise_and_plain_drifts():
         mlsde.sdeint(mlsde.MultilevelSDE(levels[0], 1.0, dt=0.1), y0, [0.0, 1.0], method="poisson")
 
 
+@pytest.mark.parametrize("coins", ["comonotone", "stratified", torch.ones(4, 2, dtype=torch.bool)])
+def test_poisson_refuses_coins_other_than_independent(coins):
+    """The jump clocks are the dt -> 0 limit of independent coins only: another scheme is refused, not ignored."""
+    levels, _, _ = affine_ladder(2, D, 1)
+    drift = mlsde.MultilevelDrift(levels, [0.1, 0.05], costs=[1, 2], coins=coins, seed=0)
+    with pytest.raises(ValueError, match="independent coins.*coins='independent'"):
+        mlsde.sdeint(mlsde.MultilevelSDE(drift, 1.0, dt=0.1), torch.zeros(3, D, dtype=DTYPE), [0.0, 1.0],
+                     method="poisson")
+
+
 def test_shared_path_and_hybrid_levels():
     """A level with p = 1 at dt runs on the grid (hybrid); with every p = 1 and a shared GridBrownian the
     jump solver is EM with the top level on the same path."""
