@@ -2,6 +2,10 @@
 ``integrate`` (the loop over the steps, the outputs and their interpolation, the callback, the progress bar and
 the NaN policy).
 
+Unlike torchsde's ``step(t0, t1, y)``, a step is named by its index ``n`` on a grid fixed before the solve: step ``n``
+reads the ``n``-th Brownian increment and the ``n``-th step size (a Python float computed once from the grid), so
+no float time is ever matched back to a cell of the grid; ``times[n]`` and ``times[n + 1]`` are its ``t0`` and ``t1``.
+
 NaN policy: when the solve's drift is a ``MultilevelDrift`` that checks its estimates (``check_finite``) and the
 solver calls it directly, the loop takes the checks over: the drift skips its per-step check (a reduction and a
 host sync a step) inside ``deferred_checks()``, and the loop checks its state every ``CHECK_EVERY`` steps and
