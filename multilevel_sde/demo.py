@@ -16,6 +16,7 @@ from .drift import MultilevelDrift
 from .integrate import sdeint
 from .probabilities import Theorem1
 from .problems.htmc import htmc_ladder, htmc_reference
+from .random_streams import ToyDemoSeed
 from .sde import MultilevelSDE
 
 __all__ = ["run_toy_demo", "format_rows", "DemoRow"]
@@ -32,11 +33,12 @@ class DemoRow:
 def run_toy_demo(k: int = 6, gamma: float = 3.0, d: int = 4, paths: int = 256, seed: int = 0) -> list[DemoRow]:
     """Solves the toy SDE on ``[0, 1]`` (``sigma = 1``) with EM (top level) and ML-EM (Theorem 1)."""
     T, fine_dt = 1.0, 2.0**-12
+    path_seed, solve_seed = seed + ToyDemoSeed.PATH, seed + ToyDemoSeed.SOLVES
     y0 = torch.ones(paths, d, dtype=torch.float64)
     ts = torch.tensor([0.0, T], dtype=torch.float64)
-    bm = GridBrownian(t0=0.0, t1=T, dt=fine_dt, size=(paths, d), seed=seed, dtype=torch.float64)
+    bm = GridBrownian(t0=0.0, t1=T, dt=fine_dt, size=(paths, d), seed=path_seed, dtype=torch.float64)
     reference = htmc_reference(y0, T, bm)
-    ladder = htmc_ladder(k, gamma, d, seed=seed)
+    ladder = htmc_ladder(k, gamma, d, seed=path_seed)
     levels, costs = ladder.levels, ladder.costs
 
     def rms(x: torch.Tensor) -> float:
@@ -50,7 +52,7 @@ def run_toy_demo(k: int = 6, gamma: float = 3.0, d: int = 4, paths: int = 256, s
         schedule = Theorem1(eps=2.0**-k, gamma=gamma, scale=scale)
         drift = MultilevelDrift(levels, schedule, costs=costs, coupling="sample")
         for dt in (2.0**-6, 2.0**-9):
-            ys, stats = sdeint(MultilevelSDE(drift, 1.0), y0, ts, bm=bm, dt=dt, seed=seed + 1, return_stats=True)
+            ys, stats = sdeint(MultilevelSDE(drift, 1.0), y0, ts, bm=bm, dt=dt, seed=solve_seed, return_stats=True)
             rows.append(DemoRow(f"ML-EM, Theorem1 x{scale}", dt, rms(ys[-1]), stats.cost))
     return rows
 

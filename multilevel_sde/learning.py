@@ -29,7 +29,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .random_streams import check_seed, derive_seed, make_generator
+from .random_streams import LearningStream, check_seed, derive_seed, make_generator
 from .coins import CoinScheme
 from .learning_evaluation import BestOfN, Evaluation, SweepPoint, best_of_n, delta_sweep, evaluate
 from .learning_problem import LearningProblem, PathSet, squared_error
@@ -61,9 +61,6 @@ __all__ = [
 ]
 
 F64 = torch.float64
-
-# Child streams of a seed (derive_seed(seed, step, STREAM)): coins, directions, minibatches.
-_COINS, _DIRECTIONS, _MINIBATCH = 0, 1, 2
 
 
 # -- the coins' score and the regulariser ----------------------------------------------------------
@@ -236,9 +233,9 @@ def estimate_gradient(problem: LearningProblem, schedule: Sigmoid, paths: PathSe
     k, M = problem.num_levels, len(paths)
     if baseline and M < 2:
         raise ValueError("the leave-one-out baseline needs at least 2 paths")
-    gen = make_generator(derive_seed(seed, _DIRECTIONS))
+    gen = make_generator(derive_seed(seed, LearningStream.DIRECTIONS))
     v = torch.randn(2, k, M if direction == "sample" else 1, generator=gen, dtype=F64).expand(2, k, M)
-    run = path_jvp(problem, schedule, paths, v, seed=derive_seed(seed, _COINS))
+    run = path_jvp(problem, schedule, paths, v, seed=derive_seed(seed, LearningStream.COINS))
     losses, u, coins, times, stats = run.losses, run.jvp, run.coins, run.times, run.stats
     s, p, tau = _sigmoid_terms(schedule, times)
     score = bernoulli_score(coins, p.unsqueeze(-1), s.unsqueeze(-1))  # (N, k, M)
@@ -365,7 +362,7 @@ def fit_probabilities(problem: LearningProblem, schedule: Sigmoid, paths: PathSe
         if batch >= total:
             subset = paths
         else:
-            gen = make_generator(derive_seed(step_seed, _MINIBATCH))
+            gen = make_generator(derive_seed(step_seed, LearningStream.MINIBATCH))
             subset = paths.subset(torch.randperm(total, generator=gen)[:batch].sort().values)
         est = estimate_gradient(problem, fitted, subset, lam, baseline=baseline, direction=direction, seed=step_seed)
         if step == 0 and normalize:

@@ -42,7 +42,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 import torch
 
-from .random_streams import derive_seed
+from .random_streams import TrueErrorStream, derive_seed
 from .brownian import GridBrownian
 from .files import atomic_write, atomic_write_json
 from .integrate import sdeint
@@ -62,9 +62,6 @@ CAVEAT = (
     "into the other differences; the costs 2^(gamma l) are synthetic. It demonstrates the theory (Theorem 1's "
     "rate against the exact law of a diffusion), not the paper's claim on neural-network ladders."
 )
-
-# Stream ids for derive_seed: every random input has its own seed.
-_PRIOR, _BROWNIAN, _LADDER, _COINS = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -110,9 +107,9 @@ def _problem(s: PanelSettings) -> GaussianMixtureDiffusion:
 
 def _shared_noise(gm: GaussianMixtureDiffusion, s: PanelSettings, seed: int) -> tuple[torch.Tensor, GridBrownian]:
     """One prior draw and one Brownian path (on the reference grid) per sample, shared by every solve."""
-    y0 = gm.sample_prior(s.paths, torch.Generator().manual_seed(derive_seed(seed, _PRIOR)))
+    y0 = gm.sample_prior(s.paths, torch.Generator().manual_seed(derive_seed(seed, TrueErrorStream.PRIOR)))
     bm = GridBrownian(t0=0.0, t1=gm.s_end, dt=2.0**-s.reference_exp, size=(s.paths, gm.d),
-                      seed=derive_seed(seed, _BROWNIAN), dtype=F64, cache="all")
+                      seed=derive_seed(seed, TrueErrorStream.BROWNIAN), dtype=F64, cache="all")
     return y0, bm.predraw()
 
 
@@ -153,10 +150,10 @@ def _run_mlem(gm, ladder, schedule: Theorem1, y0, bm, dt: float, ref: torch.Tens
 
 def _point(gm, s: PanelSettings, j: int, y0, bm, ref: torch.Tensor, seed: int) -> dict:
     eps, dt = 2.0**-j, s.step_factor * 2.0**-j
-    ladder = diffusion_ladder(gm, k=j, gamma=s.gamma, seed=derive_seed(seed, _LADDER))
+    ladder = diffusion_ladder(gm, k=j, gamma=s.gamma, seed=derive_seed(seed, TrueErrorStream.LADDER))
     schedule = Theorem1(eps=eps, gamma=s.gamma)
     return {"eps": eps, "k": j, "dt": dt, "em": _run_em(gm, ladder, y0, bm, dt, ref),
-            "mlem": _run_mlem(gm, ladder, schedule, y0, bm, dt, ref, derive_seed(seed, _COINS, j))}
+            "mlem": _run_mlem(gm, ladder, schedule, y0, bm, dt, ref, derive_seed(seed, TrueErrorStream.COINS, j))}
 
 
 # -- the summary -------------------------------------------------------------------------------------

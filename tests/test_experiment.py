@@ -12,6 +12,7 @@ from multilevel_sde.diffusion.experiment import Experiment, ExperimentConfig, fi
 from multilevel_sde.diffusion.sample import sample
 from multilevel_sde.diffusion.stitch import stitch_sample
 from multilevel_sde.diffusion.unet import build_unet
+from multilevel_sde.random_streams import EXPERIMENT_SELECTION, derive_seed
 
 SHAPE = (1, 8, 8)
 
@@ -100,7 +101,7 @@ def test_learning_set_reproduces_the_samplers_noise(ladder, tmp_path, batch):
     from multilevel_sde.probabilities import Constant
 
     x, _, _ = problem.solve(Constant([1.0, 1.0, 1.0]), paths, coupling="batch")
-    seed = ex._chunks(TINY.select, ex_mod.derive_seed(TINY.seed, 1_000_003), batch=TINY.select)[0][1]
+    seed = ex._chunks(TINY.select, derive_seed(TINY.seed, EXPERIMENT_SELECTION), batch=TINY.select)[0][1]
     em = sample(ladder[-1], SHAPE, batch=TINY.select, steps=TINY.learn_grid, seed=seed)
     assert torch.allclose(x.reshape(em.images.shape), em.images, atol=1e-5)
     assert info["select"] == TINY.select and len(info["a"]) == 3
