@@ -62,9 +62,9 @@ class MultilevelDrift(nn.Module):
         prune_certain: skip a level whose two differences are both certain (``p_m = p_{m+1} = 1``):
             its coefficient is exactly 0, so it is neither evaluated nor paid for. False follows the
             literal rule "f^m is paid when difference m or m+1 is drawn".
-        accelerate: with one coin per level and probabilities without a gradient, work out each coin pattern's
-            levels and coefficients once per value of ``p`` instead of every step (the only accelerated path:
-            the same estimates bit for bit as ``False``, which runs the reference ``combine`` every step).
+        accelerate: with probabilities without a gradient, take each step's levels and coefficients from host
+            arithmetic (numpy), kept per coin pattern and value of ``p`` with one coin per level (the only
+            accelerated path: the same estimates bit for bit as ``False``, which runs the reference ``combine``).
 
     ``sample(t, y, dt)`` is the estimate; ``exact(t, y)`` is ``f^k``; ``expected_cost(t, dt)`` the expected
     cost per sample and step (with every ``p = 1`` only ``f^k`` runs: ML-EM is then EM, at EM's cost).
@@ -359,7 +359,7 @@ class MultilevelDrift(nn.Module):
                 f = outputs[m] = self._evaluate(m, t.index_select(0, rows) if per_sample_t else t,
                                                 y.index_select(0, rows))
                 out = torch.zeros_like(y) if out is None else out
-                out.index_put_((rows,), c * f, accumulate=True)  # (index_add_ is 3x slower on the CPU)
+                out.index_put_((rows,), c * f, accumulate=True)  # (faster than index_add_ on the CPU)
         return (torch.zeros_like(y) if out is None else out), outputs
 
     def _host_plan(self, p: torch.Tensor, costs: torch.Tensor, t: TimeLike, dt: Optional[float]) -> "_HostPlan":

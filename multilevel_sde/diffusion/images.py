@@ -29,6 +29,8 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..files import atomic_write
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "CROPS",
@@ -308,9 +310,7 @@ def cached_decode(
     arr, skipped = decode()
     if len(arr) == 0:  # nothing to keep; the caller raises
         return arr, skipped, None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, images=arr, meta=np.array(json.dumps({"key": key, "skipped": skipped})))
-    os.replace(tmp, path)
+    meta = np.array(json.dumps({"key": key, "skipped": skipped}))
+    atomic_write(path, lambda fh: np.savez(fh, images=arr, meta=meta))
     return arr, skipped, str(path)
 
