@@ -101,7 +101,7 @@ def test_learning_set_reproduces_the_samplers_noise(ladder, tmp_path, batch):
     from multilevel_sde.probabilities import Constant
 
     x, _, _ = problem.solve(Constant([1.0, 1.0, 1.0]), paths, coupling="batch")
-    seed = ex._chunks(TINY.select, derive_seed(TINY.seed, EXPERIMENT_SELECTION), batch=TINY.select)[0][1]
+    seed = ex.chunk_seeds(TINY.select, derive_seed(TINY.seed, EXPERIMENT_SELECTION), batch=TINY.select)[0][1]
     em = sample(ladder[-1], SHAPE, batch=TINY.select, steps=TINY.learn_grid, seed=seed)
     assert torch.allclose(x.reshape(em.images.shape), em.images, atol=1e-5)
     assert info["select"] == TINY.select and len(info["a"]) == 3
@@ -112,7 +112,7 @@ def test_run_writes_every_point_and_reuses_them(ladder, tmp_path, monkeypatch):
     ex = Experiment(ladder, SHAPE, TINY, tmp_path, names=["a", "b", "c"], progress=False)
     results = ex.run(title="tiny", command="test")
     points = results["points"]
-    assert len(points) == ex.expected_points == ex._total() - 2  # no gamma (random networks): no theory points
+    assert len(points) == ex.expected_points == ex.planned_points() - 2  # no gamma (random networks): no theory points
     em_top = {p["steps"]: p for p in points if p["curve"] == "EM top network"}
     assert em_top[20]["mse"] == 0.0 and em_top[5]["mse"] > 0  # the reference is EM top at 20 steps, same noise
     for p in points:
@@ -198,7 +198,7 @@ def test_every_strategy_can_also_run_with_stratified_coins(ladder, tmp_path):
         plain, stratified = by_curve[f"ML-EM {name} 20"], by_curve[f"ML-EM {name} stratified 20"]
         assert plain["coins"] == "independent" and stratified["coins"] == "stratified"
         assert stratified["mse"] != plain["mse"]  # other coins, other samples
-    assert ex._total() == 3 * len(config.em_steps) + len(ex.points) + 1  # EM, these 6 ML-EM points, T-Stitch
+    assert ex.planned_points() == 3 * len(config.em_steps) + len(ex.points) + 1  # EM, these 6 ML-EM points, T-Stitch
     assert ExperimentConfig(stratified=True).validate().stratified == ("inverse-cost",)  # the older flag
     assert ExperimentConfig(stratified=False).validate().stratified == ()
     with pytest.raises(ValueError, match="stratified"):
@@ -212,7 +212,7 @@ def test_batch_coupled_points_give_the_spread_between_coin_patterns(ladder, tmp_
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from multilevel_sde.diffusion.report import _points_section
+    from multilevel_sde.diffusion.report import points_section
 
     def runner(values):
         values = iter(values)
@@ -224,8 +224,8 @@ def test_batch_coupled_points_give_the_spread_between_coin_patterns(ladder, tmp_
 
     reference = torch.zeros(6, *SHAPE)
     ex = Experiment(ladder, SHAPE, replace(TINY, coupling="batch", heldout=6, batch=2), tmp_path / "b2", progress=False)
-    ex._measure("ddpm", "mlem", "ML-EM x 20", "ML-EM x 20 a", runner([1.0, 2.0, 4.0]), reference)
-    ex._measure("ddpm", "em", "EM x", "EM x 20", runner([1.0, 2.0, 4.0]), reference)
+    ex.measure("ddpm", "mlem", "ML-EM x 20", "ML-EM x 20 a", runner([1.0, 2.0, 4.0]), reference)
+    ex.measure("ddpm", "em", "EM x", "EM x 20", runner([1.0, 2.0, 4.0]), reference)
     patterns = torch.tensor([1.0, 4.0, 16.0], dtype=torch.float64)  # squared offsets: each chunk's MSE
     images = patterns.repeat_interleave(2)
     mlem, em = ex.points
@@ -233,11 +233,11 @@ def test_batch_coupled_points_give_the_spread_between_coin_patterns(ladder, tmp_
     assert mlem["mse"] == pytest.approx(float(patterns.mean())) == em["mse"]
     assert mlem["mse_se"] == pytest.approx(float(patterns.std() / 3 ** 0.5))
     assert em["mse_se"] == pytest.approx(float(images.std() / 6 ** 0.5))
-    text = "\n".join(_points_section(ex.points))
+    text = "\n".join(points_section(ex.points))
     assert "averages 3 coin pattern(s)" in text and "(3 patterns)" in text
 
     one = Experiment(ladder, SHAPE, replace(TINY, coupling="batch", heldout=6, batch=6), tmp_path / "b6", progress=False)
-    one._measure("ddpm", "mlem", "ML-EM x 20", "ML-EM x 20 a", runner([3.0]), reference)
+    one.measure("ddpm", "mlem", "ML-EM x 20", "ML-EM x 20 a", runner([3.0]), reference)
     assert one.points[0]["coin_patterns"] == 1 and one.points[0]["mse_se"] != one.points[0]["mse_se"]  # NaN
 
 
@@ -258,4 +258,4 @@ def test_adaptive_strategy_is_scaled_to_the_inverse_cost_budgets(ladder, tmp_pat
     for point in ex.points:  # every step runs the smallest network; no step runs more than all three
         assert 20 * costs[0] <= point["flops"] <= 20 * sum(costs) + 1e-6
     # EM; inverse cost (independent coins); adaptive (independent and comonotone); T-Stitch
-    assert ex._total() == 3 * len(config.em_steps) + len(config.p_top) + 2 * len(config.p_top) + 1
+    assert ex.planned_points() == 3 * len(config.em_steps) + len(config.p_top) + 2 * len(config.p_top) + 1

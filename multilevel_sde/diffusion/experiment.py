@@ -94,7 +94,7 @@ class Experiment:
         self._cache = self._load_cache()
         self.cached_points = len(self._cache)  # measured by an earlier run with the same key, reused
         self._bar = None
-        self.expected_points = self._total()
+        self.expected_points = self.planned_points()
 
     # -- bookkeeping ----------------------------------------------------------------------------------
     def _load_cache(self) -> dict:
@@ -121,7 +121,9 @@ class Experiment:
             self._bar.update(1)
             self._bar.set_postfix_str(f"{point['sampler']} {point['label']}"[:60])
 
-    def _chunks(self, n: int, seed: int, batch: Optional[int] = None):
+    def chunk_seeds(self, n: int, seed: int, batch: Optional[int] = None) -> list[tuple[int, int]]:
+        """The ``(size, seed)`` of each chunk of an ``n``-image set drawn from ``seed`` (chunks of ``batch`` images;
+        None: the configured batch): the noise of every sampled image is reproducible from these."""
         b = self.config.batch if batch is None else batch
         return [(min(b, n - i), derive_seed(seed, i // b)) for i in range(0, n, b)]
 
@@ -129,7 +131,7 @@ class Experiment:
         """Runs ``run_one(batch, seed) -> SampleResult`` over the chunks of an ``n``-image set (chunks of
         ``batch`` images; None: the configured batch)."""
         images, flops, calls, seconds = [], 0.0, 0.0, 0.0
-        for size, chunk_seed in self._chunks(n, seed, batch):
+        for size, chunk_seed in self.chunk_seeds(n, seed, batch):
             res = run_one(size, chunk_seed)
             images.append(res.images)
             flops += res.stats.cost if math.isnan(res.flops) else res.flops  # costs are given in FLOPs
@@ -146,7 +148,10 @@ class Experiment:
                           costs=costs, seed=seed, device=self.device, **kwargs)
         return run_one
 
-    def _measure(self, sampler: str, family: str, curve: str, label: str, run_one: Callable, reference, **info):
+    def measure(self, sampler: str, family: str, curve: str, label: str, run_one: Callable, reference, **info) -> None:
+        """One point of a curve: ``run_one(batch, seed) -> SampleResult`` over the held-out chunks, its MSE to
+        ``reference`` with a standard error (between coin patterns when a batch shares its coins), cost and time,
+        recorded (and appended to ``points.jsonl``); a point already cached under ``(sampler, label)`` is reused."""
         cached = self._cache.get((sampler, label))
         if cached is not None:
             self.points.append(cached)
@@ -157,7 +162,7 @@ class Experiment:
         err = (run.images - reference).pow(2).flatten(1).mean(1).double()
         if family == "mlem" and self.config.coupling == "batch":
             # the images of a batch share one coin pattern: the spread that matters is between patterns
-            sizes = [size for size, _ in self._chunks(self.config.heldout, self.config.seed)]
+            sizes = [size for size, _ in self.chunk_seeds(self.config.heldout, self.config.seed)]
             info["coin_patterns"] = len(sizes)
             err_se = _standard_error(torch.stack([chunk.mean() for chunk in err.split(sizes)]))
         else:
@@ -176,7 +181,7 @@ class Experiment:
         for i, name in enumerate(self.names):
             curve = "EM top network" if i == len(self.models) - 1 else f"EM {name}"
             for steps in self.config.em_steps:
-                self._measure(sampler, "em", curve, f"EM {name} {steps}", self._sample_fn(sampler, [i], steps),
+                self.measure(sampler, "em", curve, f"EM {name} {steps}", self._sample_fn(sampler, [i], steps),
                               reference, steps=steps, networks=[i], protocol=steps in PROTOCOL_STEPS)
 
     def threshold(self, sampler: str) -> float:
@@ -218,7 +223,7 @@ class Experiment:
                     p = fixed_probabilities(costs, p_top, ratio)
                     fn = self._sample_fn(sampler, nets, steps, probabilities=Constant(p),
                                          coupling=self.config.coupling, coins=coins)
-                    self._measure(sampler, "mlem", f"ML-EM {name} {steps}", f"ML-EM {name} {steps} p_top={p_top}",
+                    self.measure(sampler, "mlem", f"ML-EM {name} {steps}", f"ML-EM {name} {steps} p_top={p_top}",
                                   fn, reference, steps=steps, networks=list(nets), param=p_top, probabilities=p,
                                   coins=coins)
 
@@ -244,7 +249,7 @@ class Experiment:
                 for delta in cfg.deltas:
                     fn = self._sample_fn(sampler, nets, steps, probabilities=shifted(schedule, delta),
                                          coupling=cfg.coupling, coins=coins)
-                    self._measure(sampler, "mlem", f"ML-EM learned{suffix} {steps}",
+                    self.measure(sampler, "mlem", f"ML-EM learned{suffix} {steps}",
                                   f"ML-EM learned{suffix} {steps} delta={delta:+g}", fn, reference, steps=steps,
                                   networks=list(nets), param=delta, coins=coins)
         return info
@@ -274,7 +279,7 @@ class Experiment:
                 for suffix, coins in self._coin_schemes("adaptive"):
                     fn = self._sample_fn(sampler, nets, steps, probabilities=schedule, coupling=cfg.coupling,
                                          coins=coins)
-                    self._measure(sampler, "mlem", f"ML-EM adaptive{suffix} {steps}",
+                    self.measure(sampler, "mlem", f"ML-EM adaptive{suffix} {steps}",
                                   f"ML-EM adaptive{suffix} {steps} p_top={p_top}", fn, reference, steps=steps,
                                   networks=list(nets), param=p_top, coins=coins)
             info[str(steps)] = dict(times=grid.times[:-1].tolist(), variances=pilot.variances.tolist(),
@@ -292,7 +297,7 @@ class Experiment:
         and the adaptive pilot run on the whole set at once), so its noise and path come from that chunk's seed,
         as in its reference."""
         n = self.config.select
-        chunk_seed = self._chunks(n, derive_seed(self.config.seed, EXPERIMENT_SELECTION), batch=n)[0][1]
+        chunk_seed = self.chunk_seeds(n, derive_seed(self.config.seed, EXPERIMENT_SELECTION), batch=n)[0][1]
         return chunk_seed, initial_noise((n, *self.image_shape), chunk_seed, self.device)
 
     def fit(self, sampler: str) -> dict:
@@ -339,7 +344,7 @@ class Experiment:
                     return stitch_sample(self.models[small], self.models[large], self.image_shape, switch,
                                          batch=batch, method=sampler, steps=steps, costs=costs,
                                          schedule=self.schedule, seed=seed, device=self.device)
-                self._measure(sampler, "tstitch", f"T-Stitch {steps}", f"T-Stitch {steps} small={frac:g}", run_one,
+                self.measure(sampler, "tstitch", f"T-Stitch {steps}", f"T-Stitch {steps} small={frac:g}", run_one,
                               reference, steps=steps, networks=[small, large], param=frac)
 
     def level_differences(self, sampler: str = "ddpm", n: int = 16, checkpoints: int = 10) -> dict:
@@ -349,7 +354,7 @@ class Experiment:
         grid = StepGrid(self.schedule, respaced_timesteps(self.schedule.T, steps), sampler)
         keep = set(np.linspace(0, steps - 2, checkpoints).round().astype(int).tolist())
         states = {}
-        seed = self._chunks(self.config.heldout, self.config.seed)[0][1]
+        seed = self.chunk_seeds(self.config.heldout, self.config.seed)[0][1]
         top = self.models[-1]
         sample(top, self.image_shape, batch=min(n, self.config.batch), method=sampler, steps=steps,
                schedule=self.schedule, seed=seed, device=self.device,
@@ -375,7 +380,9 @@ class Experiment:
             self._bar.refresh()
 
     # -- the whole run --------------------------------------------------------------------------------
-    def _total(self) -> int:
+    def planned_points(self) -> int:
+        """The number of points the configuration plans (``expected_points`` starts here and drops by the skipped
+        ones, e.g. theory points when γ is not identified)."""
         cfg = self.config
         fixed = len(cfg.p_top) * sum(len(self._coin_schemes(s)) for s in ("inverse-cost", "theory", "adaptive")
                                      if s in cfg.strategies)
@@ -392,7 +399,7 @@ class Experiment:
 
         cfg = self.config
         started = time.perf_counter()
-        self.expected_points = self._total()
+        self.expected_points = self.planned_points()
         self._bar = tqdm(total=self.expected_points, desc="experiment", disable=not self.progress)
         thresholds, learned, adaptive, gamma, gamma_drift, differences = {}, {}, {}, None, None, None
         try:

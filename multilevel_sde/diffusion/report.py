@@ -19,7 +19,7 @@ import numpy as np
 
 from .frontier import is_positive, unique
 
-__all__ = ["plot_error_vs_cost", "plot_speedup", "plot_gamma", "write_report", "write_all", "COST_LABELS"]
+__all__ = ["plot_error_vs_cost", "plot_speedup", "plot_gamma", "write_report", "write_all", "points_section", "COST_LABELS"]
 
 PathLike = Union[str, Path]
 
@@ -267,7 +267,9 @@ def _speedup_section(summary: Mapping) -> list[str]:
             + _biased_note(name for entry in summary.values() for name in entry["curves"]))
 
 
-def _points_section(points: Sequence[Mapping]) -> list[str]:
+def points_section(points: Sequence[Mapping]) -> list[str]:
+    """The lines of ``report.md``'s ``## Points`` section: every measured point (by sampler, curve and cost) with
+    its MSE and standard error, and how many coin patterns an ML-EM point averages."""
     if not points:
         return []
 
@@ -318,7 +320,7 @@ def write_report(results: Mapping, path: PathLike) -> None:
     lines += _gamma_section(results.get("gamma"))
     lines += _thresholds_section(results.get("thresholds") or {}, summary)
     lines += _speedup_section(summary)
-    lines += _points_section(results.get("points") or [])
+    lines += points_section(results.get("points") or [])
     lines += _level_section(results.get("level_differences"))
     if results.get("notes"):
         lines += ["## Notes", ""] + [line for note in results["notes"] for line in (str(note), "")]
