@@ -3,6 +3,7 @@ tmp_path; no CelebA."""
 
 import importlib.util
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -12,7 +13,6 @@ import torch
 Image = pytest.importorskip("PIL.Image")
 
 from multilevel_sde.diffusion import data as D  # noqa: E402
-from multilevel_sde.diffusion import images as decoding  # noqa: E402
 
 BLUE, RED, GREEN = (0, 0, 255), (255, 0, 0), (0, 255, 0)
 
@@ -193,21 +193,29 @@ def test_celeba_cache(tmp_path):
 
 
 def test_threaded_decoding_keeps_order_and_skips(tmp_path, monkeypatch, capsys):
+    """With workers > 1, a folder of 256 files or more decodes in threads (documented in ``decode_files``),
+    giving what one thread gives: the same images in the same order, the same file skipped."""
     root = tmp_path / "many"
     root.mkdir()
-    for i in range(9):
-        Image.fromarray(np.full((20, 20, 3), 20 * i, np.uint8)).save(root / f"{i}.png")
-    (root / "4.png").write_bytes(b"broken")
-    monkeypatch.setattr(decoding, "_THREAD_MIN_FILES", 1)
+    n = 300
+    for i in range(n):
+        Image.fromarray(np.full((8, 8, 3), (7 * i) % 256, np.uint8)).save(root / f"{i:03d}.png")
+    (root / "004.png").write_bytes(b"broken")
+    on_main = []  # per file opened: whether on the main thread
+    opened = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: on_main.append(threading.current_thread()
+                                                                       is threading.main_thread()) or opened(*a, **k))
     with pytest.warns(UserWarning, match="skipped 1"):
         threaded = D.folder_dataset(root, 4, workers=2, progress=True)
-    monkeypatch.setattr(decoding, "_THREAD_MIN_FILES", 10**9)
+    assert len(on_main) == n and not any(on_main)
+    on_main.clear()
     with pytest.warns(UserWarning, match="skipped 1"):
         serial = D.folder_dataset(root, 4, workers=1)
-    assert torch.equal(threaded.images, serial.images) and len(serial) == 8
+    assert len(on_main) == n and all(on_main)
+    assert torch.equal(threaded.images, serial.images) and len(serial) == n - 1
     levels = ((serial.images[:, 0, 0, 0] + 1) * 127.5).round().tolist()
-    assert levels == [0, 20, 40, 60, 100, 120, 140, 160]
-    assert threaded.info["skipped_files"][0].endswith("4.png")
+    assert levels == [(7 * i) % 256 for i in range(n) if i != 4]
+    assert threaded.info["skipped_files"][0].endswith("004.png")
 
 
 # ---------------------------------------------------------------------------------------------- folders

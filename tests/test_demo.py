@@ -13,9 +13,10 @@ import re
 import pytest
 
 from multilevel_sde.cli import main
-from multilevel_sde.diffusion.demo import QUICK, _ladder
+from multilevel_sde.diffusion.demo import QUICK, DemoPlan, run_demo
+from multilevel_sde.diffusion.experiment import ExperimentConfig
 from multilevel_sde.diffusion.nested import NestedUNet
-from multilevel_sde.diffusion.pretrained import sha256_of
+from multilevel_sde.diffusion.pretrained import load_pretrained, sha256_of
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +59,29 @@ def test_quick_demo_prints_numbers_not_nan_and_reruns_in_the_same_folder(quick_d
 
 
 def test_train_reproduces_a_ladder_with_its_record(tmp_path):
-    net, record = _ladder(QUICK, tmp_path, train=True, progress=False, log=lambda _: None)
-    assert isinstance(net, NestedUNet) and net.widths == (3, 6, 10)
+    """``run_demo(train=True)`` trains the plan's ladder (``mlsde train`` with its arguments), exports it with its
+    record, and runs on it; a second run reuses the finished checkpoint (same weights: the points are reused)."""
+    small = ExperimentConfig(heldout=4, select=4, batch=4, samplers=("ddim",), em_steps=(10, 20), reference_steps=20,
+                             mlem_steps=(20,), p_top=(0.5,), strategies=("inverse-cost",), stratified=(),
+                             tstitch_fractions=(0.5,), tstitch_steps=(20,))
+    plan = DemoPlan(experiment=small, train_args=QUICK.train_args, true_error_quick=True, suffix="-quick")
+    log = []
+    results = run_demo(tmp_path, plan=plan, train=True, progress=False, log=log.append)
+    assert any(line.startswith("ladder: mlsde train --nested nested-cpu") for line in log)
+    assert [n["name"] for n in results["networks"]] == ["width 3", "width 6", "width 10"]
     folder = tmp_path / "ladder-quick"
     assert (folder / "checkpoint.pt").exists()
+    net, record = load_pretrained(folder / "ladder.json")
+    assert isinstance(net, NestedUNet) and net.widths == (3, 6, 10)
     assert record["sha256"] == sha256_of(folder / "ladder.safetensors")
     assert record["command"].startswith("mlsde train --nested nested-cpu") and record["steps"] == 40
-    again, _ = _ladder(QUICK, tmp_path, train=True, progress=False, log=lambda _: None)  # finished: reused
+    trained = (folder / "checkpoint.pt").stat().st_mtime_ns
+    log.clear()
+    run_demo(tmp_path, plan=plan, train=True, progress=False, log=log.append)  # finished: reused, not retrained
+    assert (folder / "checkpoint.pt").stat().st_mtime_ns == trained
+    assert any(re.match(r"reusing 8 points measured by an earlier run with the same settings and weights", line)
+               for line in log)
+    again, _ = load_pretrained(folder / "ladder.json")
     assert all(a.equal(b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
 
     out = tmp_path / "exp"  # a nested checkpoint is a whole ladder for `mlsde experiment`

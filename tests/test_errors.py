@@ -4,6 +4,8 @@ failed call leaves no half-changed state behind (stats, coin stream, seed)."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import re
 
@@ -565,6 +567,21 @@ def _flaky_setup(coupling: str, fail_on, seed: int = 11):
     return drift, counted
 
 
+def _watch_solves(drift: mlsde.MultilevelDrift) -> list:
+    """Wraps ``drift.track()`` (what a solve collects its stats with): the list fills with the ``Stats`` of every
+    block opened since."""
+    opened, track = [], drift.track
+
+    @contextlib.contextmanager
+    def watched():
+        with track() as stats:
+            opened.append(stats)
+            yield stats
+
+    drift.track = watched
+    return opened
+
+
 def _assert_consistent(stats: mlsde.Stats, counted, completed_steps: int, batch: int, per_step_expected: float,
                        per_step_theory: float):
     assert all(isinstance(e, int) and e >= 0 for e in stats.evaluations + stats.calls)
@@ -587,14 +604,18 @@ def test_failed_sdeint_leaves_consistent_stats_and_a_reproducible_drift(coupling
     per_expected = float((drift.evaluation_probabilities(p) * costs).sum()) * BATCH
     per_theory = float((p * costs).sum()) * BATCH
     sde = mlsde.MultilevelSDE(drift, 0.3)
+    solves = _watch_solves(drift)
 
     with pytest.raises(RuntimeError, match="level blew up"):  # the level's own error passes through untouched
         mlsde.sdeint(sde, _y(), TS, dt=0.125, seed=5)
     _assert_consistent(drift.stats, counted, 2, BATCH, per_expected, per_theory)
-    assert drift._trackers == []  # the solve's tracker was removed
+    failed = solves[0]  # the failed solve's own stats: as consistent, and closed (nothing later lands in them)
+    _assert_consistent(failed, counted, 2, BATCH, per_expected, per_theory)
+    frozen = copy.deepcopy(vars(failed))
 
     counted[1].fail_on = None
     ys, stats = mlsde.sdeint(sde, _y(), TS, dt=0.125, seed=5, return_stats=True)
+    assert len(solves) == 2 and stats is solves[1] and vars(failed) == frozen
     fresh, _ = _flaky_setup(coupling, fail_on=None, seed=99)  # another seed: sdeint(seed=5) re-seeds the coins
     ys_fresh, stats_fresh = mlsde.sdeint(mlsde.MultilevelSDE(fresh, 0.3), _y(), TS, dt=0.125, seed=5,
                                          return_stats=True)
@@ -624,12 +645,15 @@ def test_failed_sample_leaves_consistent_stats(coupling):
 def test_failed_odeint_then_same_seed_reproduces_a_fresh_drift(coupling):
     drift, counted = _flaky_setup(coupling, fail_on=3)
     t = torch.linspace(0.0, 1.0, 5, dtype=DTYPE)
+    solves = _watch_solves(drift)
     with pytest.raises(RuntimeError, match="level blew up"):
         mlsde.odeint(drift, _y(), t, seed=4)
-    assert drift._trackers == []
+    assert len(solves) == 1 and solves[0].steps >= 1
+    frozen = copy.deepcopy(vars(solves[0]))
     counted[1].fail_on = None
     fresh, _ = _flaky_setup(coupling, fail_on=None, seed=99)
     assert torch.equal(mlsde.odeint(drift, _y(), t, seed=4), mlsde.odeint(fresh, _y(), t, seed=4))
+    assert len(solves) == 2 and vars(solves[0]) == frozen  # the failed solve's stats were closed
 
 
 def test_failed_non_finite_solve_then_same_seed_reproduces_a_fresh_drift():

@@ -185,12 +185,28 @@ def _ramp(mode: str):
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I", "F", "L", "LA", "La", "1", "P", "RGB", "RGBA", "CMYK", "LAB"])
-def test_every_image_mode_converts_without_clipping(mode, tmp_path):
-    from multilevel_sde.diffusion.images import _to_mode
+def test_every_image_mode_converts_without_clipping(mode, tmp_path, monkeypatch):
+    """A file in any PIL mode decodes to 8-bit grey over its full range (16/32-bit and float scaled, not
+    clipped). Each ramp is saved as a lossless TIFF; "La", which no PIL writer takes, is handed to the decoder
+    by ``Image.open`` as it would be by a plugin that decodes to it."""
+    from PIL import Image
+
+    from multilevel_sde.diffusion.images import decode_files
 
     im, u = _ramp(mode)
-    got = np.asarray(_to_mode(im, "L"), dtype=np.float64) / 255.0
-    assert got.shape == u.shape
+    path = tmp_path / "ramp.tif"
+    if mode == "La":
+        opened = Image.open
+        monkeypatch.setattr(Image, "open", lambda fp, *a, **k: im.copy() if str(fp) == str(path) else
+                            opened(fp, *a, **k))
+        path.write_bytes(b"")
+    else:
+        im.save(path)
+        with Image.open(path) as back:
+            assert back.mode == mode
+    decoded, skipped = decode_files([str(path)], 16, "none", 1, strict=True, progress=False, workers=1, desc="")
+    assert skipped == [] and decoded.shape == (1, *u.shape, 1)
+    got = decoded[0, :, :, 0].astype(np.float64) / 255.0
     if mode == "1":  # one bit: dark and light halves
         assert got.min() == 0.0 and got.max() == 1.0 and 0.3 < got.mean() < 0.7
     else:
@@ -411,12 +427,11 @@ def test_a_damaged_results_json_names_the_file_and_says_rerun(content, tmp_path,
 def test_a_damaged_learned_file_is_refitted_not_fatal(runs, tmp_path, monkeypatch):
     from multilevel_sde.diffusion.experiment import Experiment, ExperimentConfig
 
-    exp = Experiment([load_level(runs / "cos")] * 2, (1, 16, 16), ExperimentConfig(heldout=2, select=2, batch=2),
-                     tmp_path, progress=False)
+    config = ExperimentConfig(heldout=2, select=2, batch=2, deltas=())  # no sweep after the fit: nothing to sample
+    exp = Experiment([load_level(runs / "cos")] * 2, (1, 16, 16), config, tmp_path, progress=False)
     (tmp_path / "learned_ddpm.json").write_text('{"a": [0.1, ')
     fit = dict(a=[0.0, 0.0], b=[0.0, 0.0], floor=0.01, time_scale=1.0, config_key=exp.key)
     monkeypatch.setattr(exp, "fit", lambda sampler: dict(fit))
-    monkeypatch.setattr(exp, "_measure", lambda *a, **k: None)
     with pytest.warns(UserWarning, match=r"learned_ddpm\.json.*damaged.*fitting the probabilities again"):
         assert exp.learned("ddpm", None)["config_key"] == exp.key
     assert json.loads((tmp_path / "learned_ddpm.json").read_text()) == fit
@@ -427,10 +442,10 @@ def test_a_cut_line_of_points_jsonl_is_measured_again(runs, tmp_path):
 
     config = ExperimentConfig(heldout=2, select=2, batch=2)
     exp = Experiment([load_level(runs / "cos")] * 2, (1, 16, 16), config, tmp_path, progress=False)
-    good = json.dumps({"sampler": "ddpm", "label": "x", "config_key": exp.key})
-    (tmp_path / "points.jsonl").write_text(good + "\n" + good[:20])
+    good = [json.dumps({"sampler": "ddpm", "label": label, "config_key": exp.key}) for label in ("x", "y")]
+    (tmp_path / "points.jsonl").write_text("\n".join(good) + "\n" + good[0][:20])
     again = Experiment([load_level(runs / "cos")] * 2, (1, 16, 16), config, tmp_path, progress=False)
-    assert list(again._cache) == [("ddpm", "x")]
+    assert again.cached_points == 2  # the two whole lines are reused; the cut one is measured again
 
 
 # -- 13. an invalid --out fails before any work -----------------------------------------------------------

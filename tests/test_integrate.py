@@ -7,6 +7,8 @@ import torchdiffeq
 import torchsde
 
 import multilevel_sde as mlsde
+from multilevel_sde import brownian
+from multilevel_sde.random_streams import derive_seed
 from helpers import DTYPE, SharedPath, affine_ladder, mean_within, moment_within
 
 D = 3
@@ -214,30 +216,62 @@ def test_grid_brownian_statistics_and_sharing():
     assert torch.equal(again(0.0, 1.0), W1)
     other = mlsde.GridBrownian(t0=0.0, t1=1.0, dt=0.01, size=(4000, 2), seed=1, dtype=DTYPE)
     assert not torch.equal(other(0.0, 1.0), W1)
-    # chunked generation: small chunks give the same increments on repeated random access
-    bm.chunk_steps = 7
-    bm._chunks.clear()
-    first = [bm.increment(i).clone() for i in (50, 3, 50, 99)]
-    assert torch.equal(first[0], first[2])
 
 
-def test_grid_brownian_cache_all_keeps_the_same_path_in_memory():
-    """cache="all" gives the increments of the default one-chunk cache, keeps every chunk once drawn, and
-    after predraw() serves every query from memory (views of the kept chunks)."""
+def test_grid_brownian_small_chunks_give_one_path_in_any_query_order():
+    """With many chunks (7 steps each: 15 chunks for 100 steps) and one kept in memory at a time, a chunk that
+    was dropped is drawn again identically: random access in any order, sums over several chunks and a twin
+    queried in another order all see one path, whose chunks are independent (W(1) has variance 1)."""
+    def small_chunks():
+        bm = mlsde.GridBrownian(t0=0.0, t1=1.0, dt=0.01, size=(4000, 2), seed=0, dtype=DTYPE)
+        bm.chunk_steps = 7  # before any query
+        return bm
+
+    bm, twin = small_chunks(), small_chunks()
+    order = (50, 3, 50, 99, 0, 98, 3)
+    first = [bm.increment(i).clone() for i in order]
+    assert torch.equal(first[0], first[2]) and torch.equal(first[1], first[6])
+    assert all(torch.equal(twin.increment(i), x) for i, x in reversed(list(zip(order, first))))
+    W1 = bm(0.0, 1.0)
+    assert torch.allclose(W1, sum(twin.increment(i) for i in range(100)), atol=1e-12)
+    assert torch.equal(bm.increments(3, 51), twin.increments(3, 51))
+    moment_within(W1**2, torch.ones(2, dtype=DTYPE))  # 15 copies of one chunk would give a variance near 14
+
+
+def test_grid_brownian_cache_all_keeps_the_same_path_in_memory(monkeypatch):
+    """cache="all" gives the increments of the default one-chunk cache; predraw() draws every chunk up front
+    (ceil(100 / 7) = 15 generators), after which every query is served from memory (views of the kept chunks,
+    no generator made), while cache="chunk" draws lazily and draws a dropped chunk again."""
+    drawn = []  # the chunk seeds of the generators made: one per chunk drawn
+    make_generator = brownian.make_generator
+    monkeypatch.setattr(brownian, "make_generator", lambda seed, device: drawn.append(seed)
+                        or make_generator(seed, device))
+
     def small_chunks(cache):
         bm = mlsde.GridBrownian(t0=0.0, t1=1.0, dt=0.01, size=(3, 2), seed=4, dtype=DTYPE, cache=cache)
         bm.chunk_steps = 7
         return bm
 
     one = small_chunks("chunk")
+    assert drawn == []  # nothing is drawn before a query
     kept = small_chunks("all").predraw()
-    assert len(kept._chunks) == 15 and len(one._chunks) == 0  # ceil(100 / 7) chunks, drawn up front
+    assert len(drawn) == len(set(drawn)) == 15
+    drawn.clear()
+    pointers = [kept.increment(i).data_ptr() for i in range(100)]
     for i in (99, 0, 50, 6, 7, 50):
         assert torch.equal(kept.increment(i), one.increment(i))
-        assert len(one._chunks) == 1
-    pointer = kept.increment(50).data_ptr()
+    # the one-chunk cache drew chunk j (seeded derive_seed(seed, j)) whenever another chunk than the last was asked
+    assert drawn == [derive_seed(4, j) for j in (14, 0, 7, 0, 1, 7)]
+    drawn.clear()
     assert torch.equal(kept(0.0, 1.0), one(0.0, 1.0))
-    assert kept.increment(50).data_ptr() == pointer and len(kept._chunks) == 15  # nothing redrawn
+    assert [kept.increment(i).data_ptr() for i in range(100)] == pointers  # nothing redrawn
+    assert len(drawn) == 15  # all by the one-chunk cache (kept's path is in memory)
+    drawn.clear()
+    held = one.increment(99)  # the last chunk queried (14), kept: a view of its buffer, which it keeps alive
+    assert one.increment(98).data_ptr() == held.data_ptr() - held.element_size() * held.numel() and drawn == []
+    one.increment(0)
+    again = one.increment(99)  # chunk 14 was dropped for chunk 0: drawn again, identically, in a new buffer
+    assert torch.equal(again, held) and again.data_ptr() != held.data_ptr()
     assert "cache='all'" in repr(kept)
 
 

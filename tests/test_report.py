@@ -111,7 +111,7 @@ def test_importing_the_report_does_not_need_matplotlib(monkeypatch):
         report_module.plot_gamma(make_results()["gamma"], "unused.png")
 
 
-def test_many_curves_share_a_legend_of_styles(tmp_path):
+def test_many_curves_share_a_legend_of_styles(tmp_path, monkeypatch):
     """Past a dozen curves, colour = method, dashes = stratified coins, marker = step grid: one legend entry
     per method, grid and EM network instead of one per curve."""
     points = []
@@ -125,18 +125,19 @@ def test_many_curves_share_a_legend_of_styles(tmp_path):
     points += [dict(sampler="ddpm", family="em", curve="EM top network", mse=m, flops=f)
                for m, f in ((0.1, 1e8), (0.01, 1e9))]
     captured = {}
-    original = report_module._finish
+    from matplotlib.figure import Figure
 
-    def keep_labels(fig, ax, path):
-        captured["labels"] = ax.get_legend_handles_labels()[1]
+    savefig = Figure.savefig
+
+    def keep_labels(fig, *args, **kwargs):  # the figure as it is saved
+        ax, = fig.axes
+        captured["labels"] = [text.get_text() for text in ax.get_legend().get_texts()]
         captured["styles"] = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in ax.get_lines()
                               if len(line.get_xdata())}
-        original(fig, ax, path)
+        return savefig(fig, *args, **kwargs)
 
-    import unittest.mock
-
-    with unittest.mock.patch.object(report_module, "_finish", keep_labels):
-        plot_error_vs_cost(points, "ddpm", "flops", tmp_path / "many.png", threshold=0.05)
+    monkeypatch.setattr(Figure, "savefig", keep_labels)
+    plot_error_vs_cost(points, "ddpm", "flops", tmp_path / "many.png", threshold=0.05)
     assert captured["labels"] == ["EM top network", "ML-EM inverse-cost", "ML-EM learned", "T-Stitch",
                                   "(dashed: stratified coins, biased path)", "1000 steps", "250 steps", "50 steps", "10 steps",
                                   "threshold 0.05"]
