@@ -157,7 +157,7 @@ def test_run_writes_every_point_and_reuses_them(ladder, tmp_path, monkeypatch):
     from multilevel_sde.diffusion import experiment_results
     from multilevel_sde.diffusion.frontier import summarise
 
-    stale = dict(saved, summary={}, notes=saved["notes"] + ["DDPM" + experiment_results._UNTHRESHOLDED + " stale."])
+    stale = dict(saved, summary={}, notes=saved["notes"] + ["DDPM" + experiment_results.UNTHRESHOLDED_NOTE + " stale."])
     (tmp_path / "results.json").write_text(json.dumps(stale))
     (tmp_path / "report.md").unlink()
     assert main(["rescore", str(tmp_path)]) == 0

@@ -13,9 +13,10 @@ import numpy as np
 from ..files import DamagedFileError, atomic_write_json, check_writable_folder, clean_stale_temporaries, read_json
 from ..scaling import estimate_gamma
 
-__all__ = ["ladder_gamma", "drift_gamma", "run_notes", "unthresholded_notes", "rescore"]
+__all__ = ["ladder_gamma", "drift_gamma", "run_notes", "unthresholded_notes", "rescore", "UNTHRESHOLDED_NOTE"]
 
-_UNTHRESHOLDED = ", without the threshold, max FLOP speedup over all EM points:"
+# what marks the notes of unthresholded speedups (rescore replaces them)
+UNTHRESHOLDED_NOTE = ", without the threshold, max FLOP speedup over all EM points:"
 
 
 def ladder_gamma(points: Sequence[dict], names: Sequence[str], reference_steps: int,
@@ -91,7 +92,7 @@ def unthresholded_notes(unthresholded: dict) -> list:
             if math.isfinite(best["max"]):
                 parts.append(f"{curve}: {best['max']:.2g}x at MSE {best['mse_at_max']:.2g}")
         if parts:
-            out.append(f"{sampler.upper()}{_UNTHRESHOLDED} " + "; ".join(parts) + ".")
+            out.append(f"{sampler.upper()}{UNTHRESHOLDED_NOTE} " + "; ".join(parts) + ".")
     return out
 
 
@@ -116,7 +117,7 @@ def rescore(out_dir) -> dict:
     points, thresholds = results["points"], results.get("thresholds") or {}
     results["summary"] = summarise(points, thresholds)
     results["summary_no_threshold"] = summarise(points, {sampler: 0.0 for sampler in thresholds})
-    notes = [n for n in results.get("notes") or [] if _UNTHRESHOLDED not in n]
+    notes = [n for n in results.get("notes") or [] if UNTHRESHOLDED_NOTE not in n]
     results["notes"] = notes + unthresholded_notes(results["summary_no_threshold"])
     write_all(results, out)
     atomic_write_json(path, results, indent=1, default=float)
