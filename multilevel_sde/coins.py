@@ -39,10 +39,13 @@ class CoinScheme:
     is None for one coin per level shared by the batch, else the number of samples. It returns a bool CPU tensor
     ``(k,)`` or ``(k, batch)`` with ``P(B_l = 1) = p_l``. ``reset()`` clears what the scheme keeps between steps
     (called by ``seed``). ``get_state()`` is the generator's state and a shallow copy of the scheme's attributes,
-    so a scheme must replace, not modify in place, the tensors it keeps.
+    so a scheme must replace, not modify in place, the tensors it keeps. ``poisson_limit``: whether the scheme's
+    ``dt -> 0`` limit is independent Poisson clocks, the jump process ``sdeint(method="poisson")`` simulates
+    from the scheme's stream instead of calling ``draw``.
     """
 
     name = "scheme"
+    poisson_limit = False
     generator: Optional[torch.Generator] = None
 
     def seed(self, seed: int) -> None:
@@ -82,6 +85,7 @@ class IndependentCoins(CoinScheme):
     """
 
     name = "independent"
+    poisson_limit = True
 
     def draw(self, p: torch.Tensor, batch: Optional[int]) -> torch.Tensor:
         if batch is None and p.dim() == 1:  # one coin per level: the same draws, on k numbers as Python floats

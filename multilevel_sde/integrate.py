@@ -325,7 +325,7 @@ def _sdeint_poisson(protocol: _SDEProtocol, sde, y0, ts_host, bm, dt, grid, seed
                          "number or a function of t alone, not g(t, y)")
     if grid is not None:
         raise ValueError("method='poisson' runs on the uniform dt grid; pass dt, not grid")
-    if multilevel.coins.name != "independent":  # its jump clocks are the continuous-time limit of these alone
+    if not multilevel.coins.poisson_limit:
         raise ValueError(f"method='poisson' is the limit of independent coins; the drift's coins are "
                          f"{multilevel.coins!r}: use coins='independent' or method='euler'")
     if bm is not None and not isinstance(bm, GridBrownian):
