@@ -28,8 +28,11 @@ def _command_line(args: argparse.Namespace) -> str:
     return " ".join(["mlsde", *map(shlex.quote, getattr(args, "argv", []))])
 
 
-def _list(text: str, flag: str, kind: type) -> tuple:
-    """The comma-separated values of ``flag``; a ValueError naming the flag, the value and the bad item."""
+def _list(text: str, flag: str, kind: type, keep_empty: bool = False) -> tuple:
+    """The comma-separated values of ``flag``; a ValueError naming the flag, the value and the bad item. Empty items
+    are skipped; ``kind`` str: the names as typed, with the empty ones too if ``keep_empty``."""
+    if kind is str:
+        return tuple(item for item in str(text).split(",") if item or keep_empty)
     values = []
     for item in str(text).split(","):
         if not item.strip():
@@ -43,10 +46,6 @@ def _list(text: str, flag: str, kind: type) -> tuple:
             raise ValueError(f"{flag} must hold finite numbers, got {text!r}")
         values.append(value)
     return tuple(values)
-
-
-def _ints(text: str, flag: str = "the list") -> tuple:
-    return _list(text, flag, int)
 
 
 def _floats(text: str, flag: str = "the list") -> tuple:
@@ -85,17 +84,7 @@ def _experiment_config(args: argparse.Namespace):
     from .diffusion.experiment import ExperimentConfig
 
     thresholds = {k: v for k, v in (("ddpm", args.threshold_ddpm), ("ddim", args.threshold_ddim)) if v is not None}
-    config = ExperimentConfig(
-        heldout=args.heldout, select=args.select, batch=args.batch, samplers=tuple(args.samplers.split(",")),
-        em_steps=_ints(args.em_steps, "--em-steps"), reference_steps=args.reference_steps,
-        mlem_networks=_ints(args.mlem_networks, "--mlem-networks") if args.mlem_networks else None,
-        mlem_steps=_ints(args.mlem_steps, "--mlem-steps"), p_top=_floats(args.p_top, "--p-top"),
-        strategies=tuple(args.strategies.split(",")), stratified=tuple(filter(None, args.stratified.split(","))),
-        comonotone=tuple(filter(None, args.comonotone.split(","))),
-        coupling=args.coupling, learn_steps=args.learn_steps, learn_batch=args.learn_batch,
-        learn_grid=args.learn_grid, deltas=_floats(args.deltas, "--deltas"),
-        tstitch_fractions=_floats(args.tstitch_fractions, "--tstitch-fractions"),
-        tstitch_steps=_ints(args.tstitch_steps, "--tstitch-steps"), threshold=thresholds or None, seed=args.seed)
+    config = ExperimentConfig(**dataclass_values(args, ExperimentConfig), threshold=thresholds or None)
     _at_least("--learn-grid", args.learn_grid)
     try:
         return config.validate()
@@ -180,19 +169,39 @@ def _toy(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------------ mlsde train
+# ------------------------------------------------------------- options from a dataclass (train, experiment)
+#: ``metadata["cli"]`` keys that :func:`dataclass_values` reads, not argparse
+_READ_BACK = ("off", "items", "keep_empty")
+
+
+def _item_type(field: dataclasses.Field) -> Optional[type]:
+    """The type of the items of a tuple ``field`` given as a comma-separated list (``metadata["cli"]["items"]``, else
+    its default's first item's, else str); None for a field that is not a tuple."""
+    cli = field.metadata.get("cli", {})
+    if "items" in cli:
+        return cli["items"]
+    if isinstance(field.default, tuple):
+        return type(field.default[0]) if field.default else str
+    return None
+
+
 def add_dataclass_options(parser: argparse.ArgumentParser, config_class: type) -> None:
     """One option per field of the dataclass ``config_class`` that has a ``metadata["help"]``: ``--field-name``
     (``dest`` the field), with that help and the field's default and type; a bool is a ``--name/--no-name``
-    switch. ``metadata["cli"]`` overrides argparse settings (``default``, ``type``, ``choices``) and may name
-    ``off``, the option's value that means None (:func:`dataclass_values`)."""
+    switch; a tuple is a string of comma-separated items (default: the field's, joined), read back by
+    :func:`dataclass_values`. ``metadata["cli"]`` overrides argparse settings (``default``, ``type``, ``choices``)
+    and may name ``off`` (the option's value that means None), ``items`` (the type of a tuple's items, when its
+    default does not show it) and ``keep_empty`` (a tuple of names keeps its empty items, for validation)."""
     for field in dataclasses.fields(config_class):
         if "help" not in field.metadata:
             continue
-        settings = {k: v for k, v in field.metadata.get("cli", {}).items() if k != "off"}
+        settings = {k: v for k, v in field.metadata.get("cli", {}).items() if k not in _READ_BACK}
         settings.setdefault("default", field.default)
         default = settings["default"]
-        if isinstance(default, bool):
+        if _item_type(field) is not None:
+            if isinstance(default, tuple):
+                settings["default"] = ",".join(map(str, default))
+        elif isinstance(default, bool):
             settings["action"] = argparse.BooleanOptionalAction
         elif default is not None and "choices" not in settings:
             settings.setdefault("type", type(default))
@@ -201,15 +210,22 @@ def add_dataclass_options(parser: argparse.ArgumentParser, config_class: type) -
 
 
 def dataclass_values(args: argparse.Namespace, config_class: type) -> dict:
-    """The values of :func:`add_dataclass_options`' options, by field (an ``off`` value as None)."""
+    """The values of :func:`add_dataclass_options`' options, by field: an ``off`` value as None, a comma-separated
+    list as a tuple (a ValueError names the flag and the bad item)."""
     values = {}
     for field in dataclasses.fields(config_class):
-        if "help" in field.metadata:
-            cli, value = field.metadata.get("cli", {}), getattr(args, field.name)
-            values[field.name] = None if "off" in cli and value == cli["off"] else value
+        if "help" not in field.metadata:
+            continue
+        cli, value, kind = field.metadata.get("cli", {}), getattr(args, field.name), _item_type(field)
+        if "off" in cli and value == cli["off"]:
+            value = None
+        elif kind is not None and isinstance(value, str):
+            value = _list(value, "--" + field.name.replace("_", "-"), kind, cli.get("keep_empty", False))
+        values[field.name] = value
     return values
 
 
+# ------------------------------------------------------------------------------------------------ mlsde train
 def _add_train_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from .diffusion.train import TrainConfig
 
@@ -462,55 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("ladder", nargs="+", help="a ladder folder (level_0, level_1, ...) or checkpoints, cheapest "
                                                "first (>= 3 networks)")
     exp.add_argument("--out", required=True, help="output folder (points already measured there are reused)")
-    d = ExperimentConfig()
     exp.add_argument("--title", default="EM vs ML-EM", help="title of report.md and results.json")
-    exp.add_argument("--heldout", type=int, default=d.heldout,
-                     help="held-out images: every reported point is measured on them")
-    exp.add_argument("--select", type=int, default=d.select,
-                     help="selection images: the learned probabilities are fitted on them")
-    exp.add_argument("--batch", type=int, default=d.batch,
-                     help="images per sampling call (the held-out set runs in chunks of this size)")
-    exp.add_argument("--samplers", default=",".join(d.samplers), help="comma-separated samplers: ddpm, ddim")
-    exp.add_argument("--em-steps", default=",".join(map(str, d.em_steps)),
-                     help="comma-separated step counts of EM with every network")
-    exp.add_argument("--reference-steps", type=int, default=d.reference_steps,
-                     help="steps of the reference (EM with the top network) that every MSE is measured against")
-    exp.add_argument("--mlem-networks", default=None,
-                     help="comma-separated ladder indices of the ML-EM networks, cheapest first, e.g. 0,2,4 "
-                          "(default: smallest, middle, largest)")
-    exp.add_argument("--mlem-steps", default=",".join(map(str, d.mlem_steps)),
-                     help="comma-separated step counts of the grids ML-EM runs on")
-    exp.add_argument("--p-top", default=",".join(map(str, d.p_top)),
-                     help="comma-separated sweep of the fixed strategies, by the top network's probability")
-    exp.add_argument("--strategies", default=",".join(d.strategies),
-                     help="comma-separated ML-EM strategies: any of inverse-cost, theory, learned, adaptive (the variance-optimal rule from a pilot)")
-    exp.add_argument("--stratified", default=",".join(d.stratified),
-                     help="comma-separated strategies also run with stratified coins (default: %(default)s)")
+    add_dataclass_options(exp, ExperimentConfig)  # --heldout ... --seed (ExperimentConfig's fields)
     exp.add_argument("--no-stratified", dest="stratified", action="store_const", const="",
                      help="run no strategy with stratified coins")
-    exp.add_argument("--comonotone", default=",".join(d.comonotone),
-                     help="comma-separated strategies also run with comonotone coins (one uniform per step shared by "
-                          "the levels; unbiased)")
-    exp.add_argument("--coupling", choices=["sample", "batch"], default=d.coupling,
-                     help="ML-EM coins drawn per sample, or shared by a batch (the paper's GPU batching)")
-    exp.add_argument("--learn-steps", type=int, default=d.learn_steps, help="SGD steps of the learned strategy")
-    exp.add_argument("--learn-batch", type=int, default=d.learn_batch,
-                     help="paths per SGD step of the learned strategy")
-    exp.add_argument("--learn-grid", type=int, default=d.learn_grid,
-                     help="steps of the grid the learned strategy is fitted on")
-    exp.add_argument("--deltas", default=",".join(map(str, d.deltas)),
-                     help="comma-separated shifts Delta of the learned logits (a_l + Delta): its cost-error curve")
-    exp.add_argument("--tstitch-fractions", default=",".join(map(str, d.tstitch_fractions)),
-                     help="comma-separated T-Stitch switch points: fraction of the steps on the small network")
-    exp.add_argument("--tstitch-steps", default=",".join(map(str, d.tstitch_steps)),
-                     help="comma-separated step counts of the T-Stitch runs")
     exp.add_argument("--threshold-ddpm", type=float, default=None,
                      help="DDPM speedups count only at MSEs above this (default: the MSE of the second-largest "
                           "network's samples at --reference-steps steps)")
     exp.add_argument("--threshold-ddim", type=float, default=None,
                      help="DDIM speedups count only at MSEs above this (default: as for --threshold-ddpm)")
-    exp.add_argument("--seed", type=int, default=d.seed,
-                     help="seed of the held-out set (the selection set's is derived from it)")
     exp.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
     exp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                      help="show a progress bar")

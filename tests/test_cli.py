@@ -132,3 +132,50 @@ def test_train_options_are_train_configs_fields():
     assert config.grad_clip is None and config.eval_every is None and config.ema_warmup is False
     assert config.checkpoint_every == TrainConfig().checkpoint_every
 
+
+
+def test_experiment_options_are_experiment_configs_fields(tmp_path, monkeypatch, capsys):
+    """mlsde experiment has one option per ExperimentConfig field with a help (so a new field cannot be forgotten),
+    with that help and the field's default (a tuple as its comma-separated items); a command line gives the config
+    it says (lists, None, choices, --no-stratified, thresholds), and a bad list is refused naming its flag."""
+    import dataclasses
+
+    import multilevel_sde.diffusion.experiment as experiment
+    import multilevel_sde.diffusion.train as train
+    from multilevel_sde.diffusion.experiment import ExperimentConfig
+
+    parsers, _ = _parsers()
+    options = {s: a for a in dict(parsers)["mlsde experiment"]._actions for s in a.option_strings}
+    fields = [f for f in dataclasses.fields(ExperimentConfig) if "help" in f.metadata]
+    assert len(fields) >= 20
+    for field in fields:
+        action = options["--" + field.name.replace("_", "-")]
+        assert action.dest == field.name and action.help == field.metadata["help"], field.name
+        default = field.default
+        assert action.default == (",".join(map(str, default)) if isinstance(default, tuple) else default), field.name
+
+    class Captured(Exception):
+        """Raised by the stand-in Experiment with the config mlsde experiment built."""
+
+    def capture(models, shape, config, out, **kwargs):
+        raise Captured(config)
+
+    monkeypatch.setattr(train, "load_ladder", lambda *args, **kwargs: ([], [], (1, 8, 8)))
+    monkeypatch.setattr(experiment, "Experiment", capture)
+    command = ["experiment", "LADDER", "--out", str(tmp_path / "out"), "--no-progress"]
+    with pytest.raises(Captured) as captured:
+        main([*command, "--em-steps", "10,25,50", "--p-top", "0.5,0.1", "--deltas=-1,0,1", "--mlem-networks", "0,2,4",
+              "--samplers", "ddim", "--strategies", "inverse-cost,adaptive", "--no-stratified", "--comonotone",
+              "theory,", "--coupling", "batch", "--learn-grid", "50", "--threshold-ddim", "0.02", "--seed", "3"])
+    assert captured.value.args[0] == dataclasses.replace(
+        ExperimentConfig(), em_steps=(10, 25, 50), p_top=(0.5, 0.1), deltas=(-1.0, 0.0, 1.0), mlem_networks=(0, 2, 4),
+        samplers=("ddim",), strategies=("inverse-cost", "adaptive"), stratified=(), comonotone=("theory",),
+        coupling="batch", learn_grid=50, threshold={"ddim": 0.02}, seed=3)
+    with pytest.raises(Captured) as captured:
+        main([*command, "--mlem-networks", "", "--stratified", "theory,learned"])
+    assert captured.value.args[0] == dataclasses.replace(ExperimentConfig(), stratified=("theory", "learned"))
+    for flag, value, needle in [("--em-steps", "10,x", "--em-steps must be comma-separated integers, got '10,x'"),
+                                ("--p-top", "0.5,nan", "--p-top must hold finite numbers"),
+                                ("--samplers", "ddpm,", "--samplers must be a non-empty subset")]:
+        assert main([*command, flag, value]) == 2
+        assert needle in capsys.readouterr().err

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -20,6 +20,13 @@ PROTOCOL_STEPS = (250, 500, 750, 900, 1000)
 STRATEGIES = ("inverse-cost", "theory", "learned", "adaptive")
 _KEY_FIELDS = ("heldout", "select", "batch", "reference_steps", "mlem_networks", "coupling", "learn_steps",
                "learn_batch", "learn_grid", "schedule", "seed")
+
+
+def _option(value, help: str, **cli):
+    """A field (default ``value``) that is an option of ``mlsde experiment``: its help and argparse settings
+    (``cli``, see ``cli.add_dataclass_options``: e.g. ``choices``; ``items``, the type of a tuple's items;
+    ``off``, the option's value that means None; ``keep_empty``, keep empty names for validation to refuse)."""
+    return field(default=value, metadata={"help": help, "cli": cli})
 
 
 @dataclass
@@ -53,30 +60,45 @@ class ExperimentConfig:
             networks were trained with (``load_level`` records it from the checkpoint), else cosine and 1000. A
             schedule given that differs from the recorded one is refused (``Experiment`` raises ValueError).
         seed: the held-out set's seed (the selection set's is derived from it).
+
+    A field with a ``metadata["help"]`` is an option of ``mlsde experiment`` (``cli.add_dataclass_options``: a
+    tuple is a comma-separated list), with that help and the field's default.
     """
 
-    heldout: int = 64
-    select: int = 32
-    batch: int = 64
-    samplers: tuple = ("ddpm", "ddim")
-    em_steps: tuple = (10, 25, 50, 100) + PROTOCOL_STEPS
-    reference_steps: int = 1000
-    mlem_networks: Optional[tuple] = None
-    mlem_steps: tuple = (1000, 500, 250)
-    p_top: tuple = (0.5, 0.25, 0.1, 0.05, 0.02)
-    strategies: tuple = ("inverse-cost", "theory", "learned")
-    stratified: tuple = ("inverse-cost",)
-    comonotone: tuple = ()
-    coupling: str = "sample"
-    learn_steps: int = 20
-    learn_batch: int = 32
-    learn_grid: int = 250
-    deltas: tuple = (-2.0, -1.0, 0.0, 1.0, 2.0)
-    tstitch_fractions: tuple = (0.2, 0.4, 0.6, 0.8)
-    tstitch_steps: tuple = (1000, 250)
-    threshold: Optional[dict] = None
+    heldout: int = _option(64, "held-out images: every reported point is measured on them")
+    select: int = _option(32, "selection images: the learned probabilities are fitted on them")
+    batch: int = _option(64, "images per sampling call (the held-out set runs in chunks of this size)")
+    samplers: tuple = _option(("ddpm", "ddim"), "comma-separated samplers: ddpm, ddim", keep_empty=True)
+    em_steps: tuple = _option((10, 25, 50, 100) + PROTOCOL_STEPS, "comma-separated step counts of EM with every "
+                                                                  "network")
+    reference_steps: int = _option(1000, "steps of the reference (EM with the top network) that every MSE is "
+                                         "measured against")
+    mlem_networks: Optional[tuple] = _option(None, "comma-separated ladder indices of the ML-EM networks, cheapest "
+                                                   "first, e.g. 0,2,4 (default: smallest, middle, largest)",
+                                             items=int, off="")
+    mlem_steps: tuple = _option((1000, 500, 250), "comma-separated step counts of the grids ML-EM runs on")
+    p_top: tuple = _option((0.5, 0.25, 0.1, 0.05, 0.02), "comma-separated sweep of the fixed strategies, by the top "
+                                                         "network's probability")
+    strategies: tuple = _option(("inverse-cost", "theory", "learned"), "comma-separated ML-EM strategies: any of "
+                                "inverse-cost, theory, learned, adaptive (the variance-optimal rule from a pilot)",
+                                keep_empty=True)
+    stratified: tuple = _option(("inverse-cost",), "comma-separated strategies also run with stratified coins "
+                                                   "(default: %(default)s)")
+    comonotone: tuple = _option((), "comma-separated strategies also run with comonotone coins (one uniform per step "
+                                    "shared by the levels; unbiased)", items=str)
+    coupling: str = _option("sample", "ML-EM coins drawn per sample, or shared by a batch (the paper's GPU batching)",
+                            choices=["sample", "batch"])
+    learn_steps: int = _option(20, "SGD steps of the learned strategy")
+    learn_batch: int = _option(32, "paths per SGD step of the learned strategy")
+    learn_grid: int = _option(250, "steps of the grid the learned strategy is fitted on")
+    deltas: tuple = _option((-2.0, -1.0, 0.0, 1.0, 2.0), "comma-separated shifts Delta of the learned logits (a_l + "
+                                                         "Delta): its cost-error curve")
+    tstitch_fractions: tuple = _option((0.2, 0.4, 0.6, 0.8), "comma-separated T-Stitch switch points: fraction of the "
+                                                             "steps on the small network")
+    tstitch_steps: tuple = _option((1000, 250), "comma-separated step counts of the T-Stitch runs")
+    threshold: Optional[dict] = None  # mlsde experiment --threshold-ddpm/--threshold-ddim (cli.py)
     schedule: Optional[str] = None
-    seed: int = 0
+    seed: int = _option(0, "seed of the held-out set (the selection set's is derived from it)")
     grid_images: int = 8
     T: Optional[int] = None
 
