@@ -75,7 +75,10 @@ class _SDEProtocol:
         self.sde = sde
         self.noise_type = sde.noise_type
         f_name, g_name = names.get("drift", "f"), names.get("diffusion", "g")
-        self._f_step = getattr(sde, "f_step", None) if not names else None
+        # f_step (the estimate for the true step size) unless a subclass redefines f alone, which then rules
+        overrides_f = isinstance(sde, MultilevelSDE) and type(sde).f is not MultilevelSDE.f and (
+            type(sde).f_step is MultilevelSDE.f_step)
+        self._f_step = getattr(sde, "f_step", None) if not names and not overrides_f else None
         self._f = getattr(sde, f_name, None)
         self._g = getattr(sde, g_name, None)
         self._g_prod = getattr(sde, "g_prod", None) if not names else None
@@ -259,7 +262,9 @@ def sdeint(
         dt: step size (default: the SDE's ``dt``, else torchsde's 1e-3); steps follow torchsde's
             ``t <- min(t + dt, ts[-1])`` and outputs are interpolated like torchsde's.
         grid: instead of ``dt``, the exact step times (non-uniform allowed, from ``ts[0]`` to ``ts[-1]``).
-        seed: seeds the Brownian path (when ``bm`` is None) and re-seeds the drift's coins; None: fresh.
+        seed: seeds the Brownian path (when ``bm`` is None) and re-seeds the drift's coins; None: a fresh path,
+            and the coins go on from the drift's own stream. ``stats.seed`` is the seed that reproduces the
+            solve, None where no single seed does (``seed=None`` with a MultilevelDrift, or a given ``bm``).
         return_stats: also return a ``Stats`` of the solve.
         progress: tqdm progress bar. callback: ``callback(n, t_{n+1}, y_{n+1})`` after each step.
 
@@ -283,7 +288,7 @@ def sdeint(
     np_dtype = numpy_dtype(ts.dtype)
     ts_host = ts.detach().cpu().numpy().astype(np_dtype)
     if method == "poisson":
-        return _sdeint_poisson(protocol, sde, y0, ts_host, bm, step, grid, seed, return_stats)
+        return _sdeint_poisson(protocol, sde, y0, ts_host, bm, step, grid, seed, return_stats, callback, progress)
     if grid is None:
         _announce_long_solve("sdeint", float(ts_host[-1] - ts_host[0]) / step, y0)
     if grid is not None:
@@ -311,15 +316,18 @@ def sdeint(
         ys = solver.integrate(y0, plan, callback=callback, progress=progress)
     stats = counter.stats if counter is not None else stats
     stats.total_time = time.perf_counter() - start
-    stats.seed = solve_seed if (seed is not None or bm is None) else None
+    stats.seed = solve_seed if seed is not None or (bm is None and multilevel is None) else None
     return (ys, stats) if return_stats else ys
 
 
-def _sdeint_poisson(protocol: _SDEProtocol, sde, y0, ts_host, bm, dt, grid, seed, return_stats):
+def _sdeint_poisson(protocol: _SDEProtocol, sde, y0, ts_host, bm, dt, grid, seed, return_stats, callback, progress):
     """``method="poisson"``: the jump process of the drift's rates ``p_l(t, dt) / dt`` (solvers/poisson.py)."""
     multilevel = protocol.multilevel
     if multilevel is None:
         raise ValueError("method='poisson' needs a MultilevelSDE whose drift is a MultilevelDrift")
+    if not protocol.samples_multilevel:
+        raise ValueError(f"method='poisson' simulates the MultilevelDrift itself, but {type(sde).__name__} redefines "
+                         "its drift (f or f_step): use method='euler'")
     if not getattr(sde, "state_independent_noise", False):
         raise ValueError("method='poisson' needs state-independent noise: give MultilevelSDE's diffusion as a "
                          "number or a function of t alone, not g(t, y)")
@@ -336,14 +344,18 @@ def _sdeint_poisson(protocol: _SDEProtocol, sde, y0, ts_host, bm, dt, grid, seed
     if seed is not None:
         multilevel.reseed(coin_seed)
     constant = float(sde.diffusion) if isinstance(sde.diffusion, Number) else None
+    sigma0 = sde.sigma(float(ts_host[0]))
+    if sde.noise_type in ("additive", "general") and torch.is_tensor(sigma0) and sigma0.dim() > 0:
+        raise ValueError(f"method='poisson' takes a scalar sigma(t) with noise_type={sde.noise_type!r} (g = sigma I), "
+                         f"got a tensor of shape {tuple(sigma0.shape)}: use method='euler'")
     start = time.perf_counter()
     with multilevel.track() as stats:
         ts = ts_host.astype(np.float64)
         solver = Poisson(multilevel, sde.sigma, constant, sde.noise_type, y0, ts, dt,
                          make_generator(noise_seed, y0.device), bm)
-        ys = solver.integrate(y0, solver.output_plan(ts))
+        ys = solver.integrate(y0, solver.output_plan(ts), callback=callback, progress=progress)
     stats.total_time = time.perf_counter() - start
-    stats.seed = solve_seed if seed is not None or bm is None else None
+    stats.seed = solve_seed if seed is not None else None  # seed=None: the coins went on from the drift's stream
     return (ys, stats) if return_stats else ys
 
 

@@ -309,3 +309,42 @@ def test_sdeint_default_noise_is_seeded():
     fresh = mlsde.sdeint(sde, y0, [0.0, 1.0], dt=0.1, return_stats=True)[1]
     assert isinstance(fresh.seed, int)
     assert np.isfinite(stats.total_time)
+
+
+def test_stats_seed_reproduces_the_solve_or_is_none():
+    """``stats.seed`` replays a solve exactly; where no single seed does (seed=None with a MultilevelDrift: the
+    coins go on from the drift's own stream) it is None rather than a seed the coins never used."""
+    levels, _, _ = affine_ladder(3, D, 4)
+    y0 = torch.ones(16, D, dtype=DTYPE)
+
+    def sde():
+        return mlsde.MultilevelSDE(mlsde.MultilevelDrift(levels, [1.0, 0.5, 0.25], costs=[1, 2, 4], seed=0), 0.3)
+
+    for method in ("euler", "poisson"):
+        ys, stats = mlsde.sdeint(sde(), y0, [0.0, 1.0], dt=0.05, method=method, return_stats=True)
+        assert stats.seed is None
+        ys, stats = mlsde.sdeint(sde(), y0, [0.0, 1.0], dt=0.05, method=method, seed=7, return_stats=True)
+        assert stats.seed == 7
+        assert torch.equal(ys, mlsde.sdeint(sde(), y0, [0.0, 1.0], dt=0.05, method=method, seed=stats.seed))
+    plain = PlainSDE()
+    ys, stats = mlsde.sdeint(plain, y0, [0.0, 1.0], dt=0.05, return_stats=True)  # a fresh path, and no coins
+    assert torch.equal(ys, mlsde.sdeint(plain, y0, [0.0, 1.0], dt=0.05, seed=stats.seed))
+
+
+def test_a_multilevel_sde_subclass_that_redefines_f_is_solved_with_its_f():
+    levels, _, _ = affine_ladder(2, D, 5)
+
+    class Shifted(mlsde.MultilevelSDE):
+        def f(self, t, y):
+            return super().f(t, y) + 10.0
+
+    y0 = torch.zeros(4, D, dtype=DTYPE)
+    drift = mlsde.MultilevelDrift(levels, [1.0, 1.0], costs=[1, 2])
+    sde = Shifted(drift, 0.0, dt=0.1)
+    ours = mlsde.sdeint(sde, y0, [0.0, 1.0], dt=0.1, seed=0)
+    theirs = torchsde.sdeint(sde, y0, torch.tensor([0.0, 1.0], dtype=DTYPE), dt=0.1, method="euler")
+    torch.testing.assert_close(ours, theirs)
+    unshifted = mlsde.sdeint(mlsde.MultilevelSDE(drift, 0.0, dt=0.1), y0, [0.0, 1.0], dt=0.1, seed=0)
+    assert float((ours - unshifted)[-1].min()) > 1  # the +10 drift acted
+    with pytest.raises(ValueError, match="Shifted redefines its drift.*method='euler'"):
+        mlsde.sdeint(sde, y0, [0.0, 1.0], dt=0.1, method="poisson")

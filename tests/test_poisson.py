@@ -172,3 +172,19 @@ def test_per_sample_clocks_read_the_shared_path_through_the_bridge():
                          method="poisson", bm=bm, seed=1, return_stats=True)
     assert sum(st.jumps) > 0
     assert torch.allclose(X[-1], 0.7 * bm(0.0, 1.0), atol=1e-12)
+
+
+def test_poisson_runs_the_callback_and_refuses_a_matrix_sigma():
+    levels, _, _ = affine_ladder(2, D, 1)
+    drift = mlsde.MultilevelDrift(levels, [0.3, 0.1], costs=[1, 2], seed=0)
+    y0 = torch.zeros(3, D, dtype=DTYPE)
+    seen = []
+    ys = mlsde.sdeint(mlsde.MultilevelSDE(drift, 0.5, dt=0.1), y0, [0.0, 1.0], method="poisson", seed=0,
+                      callback=lambda n, t, y: seen.append((n, float(t))))
+    assert seen and seen[-1][1] == pytest.approx(1.0) and [n for n, _ in seen] == list(range(len(seen)))
+    matrix = torch.eye(D, dtype=DTYPE)[:, [0] * D]  # every coordinate driven by W_1
+    for noise_type in ("general", "additive"):
+        sde = mlsde.MultilevelSDE(drift, lambda t: matrix, noise_type=noise_type, dt=0.1)
+        with pytest.raises(ValueError, match=rf"scalar sigma\(t\) with noise_type='{noise_type}'.*\({D}, {D}\)"):
+            mlsde.sdeint(sde, y0, [0.0, 1.0], method="poisson")
+    assert torch.isfinite(ys).all()
