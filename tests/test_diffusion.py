@@ -187,3 +187,28 @@ def test_a_network_that_returns_nan_is_named_by_the_sampler(method):
     with pytest.raises(mlsde.NonFiniteError, match=r"^level 2 returned NaN or inf at t="):
         sample([LADDER[0], NanBelow()], SHAPE, batch=3, method=method, steps=40, seed=0,
                probabilities=[1.0, 0.5], costs=[1, 2])
+
+
+def test_a_given_drift_is_seeded_checked_against_the_grid_and_recorded():
+    """sample(drift=...) draws the coins a built drift would with the same seed, refuses a drift built for
+    another grid and the options it would ignore, and records the drift's own coupling and base."""
+    from multilevel_sde.diffusion import build_drift
+
+    def drift_for(method, steps, coupling="sample"):
+        grid = StepGrid(NoiseSchedule.cosine(), respaced_timesteps(1000, steps), method)
+        return build_drift(LADDER, grid, SHAPE, mlsde.Constant([1.0, 0.3, 0.1]), [1.0, 2.0, 4.0], coupling=coupling,
+                           base="linear", seed=99)
+
+    built = sample(LADDER, SHAPE, batch=6, steps=20, probabilities=mlsde.Constant([1.0, 0.3, 0.1]),
+                   costs=[1.0, 2.0, 4.0], coupling="sample", base="linear", seed=3)
+    drift = drift_for("ddpm", 20)
+    first = sample(LADDER, SHAPE, batch=6, steps=20, seed=3, drift=drift)
+    again = sample(LADDER, SHAPE, batch=6, steps=20, seed=3, drift=drift)
+    assert torch.equal(first.images, again.images) and torch.equal(first.images, built.images)
+    assert first.settings["coupling"] == "sample" and first.settings["base"] == "linear"
+    for method, steps in (("ddim", 20), ("ddpm", 50)):
+        with pytest.raises(ValueError, match="built for another grid"):
+            sample(LADDER, SHAPE, batch=6, steps=20, seed=3, drift=drift_for(method, steps))
+    with pytest.raises(ValueError, match="probabilities, coupling would be ignored"):
+        sample(LADDER, SHAPE, batch=6, steps=20, seed=3, drift=drift, probabilities=[1.0, 0.5, 0.5],
+               coupling="sample")

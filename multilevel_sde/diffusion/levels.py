@@ -129,6 +129,10 @@ class _GridLookup(nn.Module):
             self.register_buffer(name, value, persistent=False)
         self.register_buffer("mids", (self.times[:-1] + self.times[1:]) / 2, persistent=False)
 
+    def matches(self, grid: StepGrid) -> bool:
+        """Whether these are ``grid``'s coefficients (its method, steps, schedule and variance)."""
+        return all(torch.equal(getattr(self, name).cpu(), value) for name, value in grid.tensors("cpu").items())
+
     def index(self, s: torch.Tensor) -> torch.Tensor:
         s = torch.as_tensor(s, dtype=self.times.dtype, device=self.times.device)
         return torch.searchsorted(self.mids, s).clamp(max=len(self.h) - 1)
@@ -158,6 +162,10 @@ class DenoiserLevel(nn.Module):
         self.model, self.prediction, self.clip = model, kind or "eps", clip
         self.image_shape = tuple(int(s) for s in image_shape)
         self.lookup = _GridLookup(grid, device)
+
+    def built_for(self, grid: StepGrid) -> bool:
+        """Whether this level was built for ``grid`` (the same steps and coefficients)."""
+        return self.lookup.matches(grid)
 
     def denoised(self, s, x: torch.Tensor) -> torch.Tensor:
         """The clipped ``x0`` estimate at solver time ``s`` for images ``x (B, C, H, W)``."""

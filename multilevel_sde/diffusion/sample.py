@@ -121,10 +121,13 @@ def sample(
             every method sampled with one seed shares the fine Brownian path, so the last step's noise is the
             same sum of fine increments that a finer run spreads over its last steps, and the error to a fine
             reference is smaller (see docs/diffusion.md).
-        seed: seeds ``x_T``, the Brownian path and the coins (None: fresh; kept in ``settings``).
+        seed: seeds ``x_T``, the Brownian path and the coins, a given ``drift``'s included (None: fresh; kept in
+            ``settings``).
         x_T: initial noise ``(batch, C, H, W)`` (default: from ``seed``).
         callback: ``callback(n, x)`` after each step with the images ``(B, C, H, W)``.
-        drift: a ready ``MultilevelDrift`` over levels built for this grid (overrides models/probabilities).
+        drift: a ready drift (e.g. a ``MultilevelDrift``) over ``DenoiserLevel``s built for this method, grid and
+            schedule, used as given: a level built for another grid, or any of ``probabilities``, ``costs``,
+            ``coupling``, ``coins``, ``base``, ``prediction``, ``clip`` away from its default, is an error.
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
@@ -150,6 +153,11 @@ def sample(
     if drift is None:
         drift = build_drift(models, grid, image_shape, probabilities, costs, coupling, coins, base, prediction,
                             clip, device, seed)
+    else:
+        _check_given_drift(drift, grid, dict(probabilities=probabilities, costs=costs, coupling=coupling,
+                                             coins=coins, base=base, prediction=prediction, clip=clip))
+        if isinstance(drift, MultilevelDrift):
+            drift.reseed(derive_seed(seed, SAMPLE_COINS))  # the coins a built drift would draw with this seed
     ts = torch.tensor([grid.times[0], grid.times[-1]], dtype=torch.float64, device=device)
     times = torch.as_tensor(grid.times, dtype=torch.float64)
     step_callback = None if callback is None else (lambda n, t, y: callback(n, y.reshape(shape)))
@@ -167,8 +175,10 @@ def sample(
     _synchronize(device)
     seconds = time.perf_counter() - start
     flops = stats.cost if stats.cost_unit == "flops" else float("nan")
-    settings = dict(method=method, steps=steps, batch=batch, seed=seed, coupling=coupling, base=base,
-                    multilevel=isinstance(drift, MultilevelDrift), schedule=schedule.kind)
+    multilevel = isinstance(drift, MultilevelDrift)
+    settings = dict(method=method, steps=steps, batch=batch, seed=seed, multilevel=multilevel, schedule=schedule.kind,
+                    coupling=drift.coupling if multilevel else coupling,
+                    base=("zero" if drift.base is None else "linear") if multilevel else base)
     if method == "ddpm":
         settings.update(variance=variance, final_noise=bool(final_noise))
     return SampleResult(out[-1].reshape(shape), stats, flops, seconds, settings)
@@ -187,6 +197,26 @@ def build_drift(models, grid: StepGrid, image_shape, probabilities=None, costs=N
     return MultilevelDrift(levels, probabilities, costs=costs, coupling=coupling, coins=coins,
                            base=LinearPart(grid, device) if base == "linear" else None,
                            seed=derive_seed(seed, SAMPLE_COINS))
+
+
+_DRIFT_DEFAULTS = dict(probabilities=None, costs=None, coupling="batch", coins="independent", base="zero",
+                       prediction=None, clip=1.0)
+
+
+def _check_given_drift(drift, grid: StepGrid, options: dict) -> None:
+    """A drift given to ``sample`` must be built for ``grid``, and the options that build one left alone."""
+    given = [name for name, value in options.items() if not _same(value, _DRIFT_DEFAULTS[name])]
+    if given:
+        raise ValueError(f"sample(drift=...) uses the drift as given, so {', '.join(given)} would be ignored: build "
+                         "the drift with them (build_drift) or leave drift=None")
+    for module in drift.modules() if isinstance(drift, nn.Module) else ():
+        if isinstance(module, DenoiserLevel) and not module.built_for(grid):
+            raise ValueError(f"drift has a level built for another grid than this sample's (method={grid.method!r}, "
+                             f"{len(grid.h)} steps, its schedule and variance): build the drift for this grid")
+
+
+def _same(value, default) -> bool:
+    return value is default or (isinstance(value, (str, float, int)) and value == default)
 
 
 def _synchronize(device: torch.device) -> None:
