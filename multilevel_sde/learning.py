@@ -292,6 +292,17 @@ def _make_optimizer(optimizer, params, lr: float):
                      f"got {optimizer!r}")
 
 
+def _cap_update(schedule: Sigmoid, before: torch.Tensor, max_step: float) -> None:
+    """Scales the update just taken, ``(a, b) - before``, back to the norm ``max_step`` if it is longer."""
+    with torch.no_grad():
+        after = torch.cat([schedule.a, schedule.b])
+        norm = float((after - before).norm())
+        if norm > max_step:
+            capped = before + (after - before) * (max_step / norm)
+            schedule.a.copy_(capped[: schedule.a.numel()])
+            schedule.b.copy_(capped[schedule.a.numel():])
+
+
 def fit_probabilities(problem: LearningProblem, schedule: Sigmoid, paths: PathSet, *, lam: float,
                       steps: int = 50, batch: int = 300, lr: float = 0.3, optimizer="adam",
                       normalize: bool = True, baseline: bool = False, direction: str = "sample",
@@ -318,7 +329,8 @@ def fit_probabilities(problem: LearningProblem, schedule: Sigmoid, paths: PathSe
         baseline: use the leave-one-out baseline in the REINFORCE term (off by default, as in the paper).
         direction: ``"sample"`` (one forward-gradient direction per path) or ``"batch"``.
         learn_b: False keeps ``b`` fixed (time-independent probabilities).
-        max_step: cap on the Euclidean norm of one update ``lr * g`` (None: no cap).
+        max_step: cap on the Euclidean norm of one update of ``(a, b)``, whatever the optimiser (a longer step
+            is scaled back to it after it is taken; None: no cap).
         lr_decay: ``"none"``, ``"linear"`` (to 0 at the last step) or ``"cosine"``.
         average: return the average of the iterates over this final fraction of the steps (Polyak-Ruppert
             averaging; 0: the last iterate, as in the paper).
@@ -370,10 +382,6 @@ def fit_probabilities(problem: LearningProblem, schedule: Sigmoid, paths: PathSe
         grad_a, grad_b = est.grad_a * scale, est.grad_b * scale
         if not learn_b:
             grad_b = torch.zeros_like(grad_b)
-        if max_step is not None:
-            norm = float(lr * torch.cat([grad_a, grad_b]).norm())
-            if norm > max_step:
-                grad_a, grad_b = grad_a * (max_step / norm), grad_b * (max_step / norm)
         record = {
             "step": step, "error": est.error, "regulariser": est.regulariser, "objective": est.objective,
             "cost": est.cost, "expected_cost": est.expected_cost, "theory_cost": est.theory_cost,
@@ -389,7 +397,10 @@ def fit_probabilities(problem: LearningProblem, schedule: Sigmoid, paths: PathSe
         fitted.a.grad = grad_a.to(fitted.a)
         if learn_b:
             fitted.b.grad = grad_b.to(fitted.b)
+        before = torch.cat([fitted.a.detach(), fitted.b.detach()])
         opt.step()
+        if max_step is not None:
+            _cap_update(fitted, before, max_step)
         if sched is not None:
             sched.step()
         if tail and step >= steps - tail:

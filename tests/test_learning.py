@@ -326,3 +326,19 @@ def test_fit_options_average_the_tail_and_freeze_b():
     assert torch.allclose(result.schedule.a.detach(), (after[-1] + last) / 2, rtol=1e-12)
     assert torch.equal(result.schedule.b, schedule.b)  # frozen
     assert not torch.equal(last, schedule.a.detach())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_max_step_caps_every_update_whatever_the_optimiser(optimizer):
+    """Adam rescales a shrunken gradient back up; the cap holds on the update actually taken."""
+    problem, paths, schedule, lam = _tiny()
+    seen = []
+    result = L.fit_probabilities(problem, schedule, paths, lam=lam, steps=4, batch=10, optimizer=optimizer, lr=0.3,
+                                 max_step=1e-3, seed=2, callback=lambda i, r: seen.append(r["a"] + r["b"]))
+    final = torch.cat([result.schedule.a.detach(), result.schedule.b.detach()])
+    iterates = [torch.tensor(v, dtype=DTYPE) for v in seen] + [final]
+    steps = [float((b - a).norm()) for a, b in zip(iterates, iterates[1:])]
+    assert max(steps) <= 1e-3 * (1 + 1e-9) and min(steps) > 0.5e-3  # capped, and still moving
+    free = L.fit_probabilities(problem, schedule, paths, lam=lam, steps=1, batch=10, optimizer=optimizer, lr=0.3,
+                               seed=2).schedule
+    assert float((torch.cat([free.a, free.b]).detach() - iterates[0]).norm()) > 1e-2  # the cap is what held it
