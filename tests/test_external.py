@@ -400,3 +400,24 @@ def test_the_shipped_pretrained_ladder_is_a_ladder_for_load_ladder():
     models, names, shape = load_ladder(PRETRAINED_DIR / f"{DEFAULT_LADDER}.json")
     assert len(models) == 5 and names[0] == "width 3" and shape == (1, 16, 16)
     assert trained_schedule(models).kind == "cosine"
+
+
+def test_sample_warns_where_the_scheduler_samples_otherwise(diffusers, unet):
+    """clip_sample=False, variance_type and thresholding are read from the scheduler's config: sampling with
+    other settings warns (naming the argument to pass), sampling as the scheduler does is silent."""
+    import warnings
+
+    scheduler = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                                        variance_type="fixed_small")
+    level = DiffusersModel(unet, scheduler)
+    assert level.scheduler_sampling == {"clip": None, "variance": "posterior"}
+    with pytest.warns(UserWarning, match=r"clip=None.*clip=1\.0: pass clip=None") as caught:
+        sample(level, SHAPE, batch=BATCH, method="ddpm", steps=5, seed=0, costs=[1.0])
+    assert any("variance='posterior'" in str(w.message) for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample(level, SHAPE, batch=BATCH, method="ddpm", steps=5, seed=0, costs=[1.0], clip=None,
+               variance="posterior")
+        sample(level, SHAPE, batch=BATCH, method="ddim", steps=5, seed=0, costs=[1.0], clip=None)
+    with pytest.warns(UserWarning, match="dynamic thresholding"):
+        DiffusersModel(unet, diffusers.DDPMScheduler(thresholding=True))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -88,6 +89,21 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     sqrt_ab = (sqrt_ab - last) * first / (first - last)
     ab = sqrt_ab**2
     return 1 - np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+
+
+def _scheduler_sampling(config: dict) -> dict:
+    """What a scheduler's config says about sampling, as ``sample()``'s arguments: ``clip`` (from ``clip_sample``
+    and ``clip_sample_range``) and DDPM's ``variance`` (from ``variance_type``), where the config says it."""
+    out = {}
+    if "clip_sample" in config:
+        out["clip"] = float(config.get("clip_sample_range") or 1.0) if config["clip_sample"] else None
+    variance = {"fixed_small": "posterior", "fixed_large": "beta"}.get(config.get("variance_type"))
+    if variance is not None:
+        out["variance"] = variance
+    if config.get("thresholding"):
+        warnings.warn("the scheduler uses dynamic thresholding, which sample() does not implement: it clips x0 to "
+                      "[-clip, clip] instead", stacklevel=4)
+    return out
 
 
 def diffusers_schedule(scheduler) -> tuple[NoiseSchedule, str]:
@@ -178,6 +194,7 @@ class DiffusersModel(_Adapter):
             raise ValueError("give the network's scheduler (or its config): a diffusers network's noise schedule and "
                              "prediction_type live there, not in the network")
         config_prediction = "epsilon"
+        self.scheduler_sampling = _scheduler_sampling(_config_dict(scheduler)) if scheduler is not None else {}
         if scheduler is not None:
             own, config_prediction = diffusers_schedule(scheduler)
             schedule = schedule or own

@@ -11,6 +11,7 @@ the sum of the fine increments it spans. Coins come from the drift's own stream.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -143,6 +144,7 @@ def sample(
     seed = fresh_seed() if seed is None else seed
     device = torch.device(device) if device is not None else _device_of(models[-1])
     grid = StepGrid(schedule, respaced_timesteps(schedule.T, steps), method, variance, final_noise)
+    _warn_if_unlike_the_schedulers(models, method, dict(clip=clip, variance=variance))
     shape = (batch, *image_shape)
     if x_T is None:
         x_T = initial_noise(shape, seed, device, dtype)
@@ -197,6 +199,16 @@ def build_drift(models, grid: StepGrid, image_shape, probabilities=None, costs=N
     return MultilevelDrift(levels, probabilities, costs=costs, coupling=coupling, coins=coins,
                            base=LinearPart(grid, device) if base == "linear" else None,
                            seed=derive_seed(seed, SAMPLE_COINS))
+
+
+def _warn_if_unlike_the_schedulers(models, method: str, used: dict) -> None:
+    """A warning where an adapted network's scheduler samples with another ``clip`` or (DDPM) ``variance``."""
+    for model in models:
+        for name, wanted in getattr(model, "scheduler_sampling", {}).items():
+            if used[name] != wanted and (name == "clip" or method == "ddpm"):
+                warnings.warn(f"{type(model).__name__}'s scheduler samples with {name}={wanted!r}, this sample() with "
+                              f"{name}={used[name]!r}: pass {name}={wanted!r} to sample as the scheduler does",
+                              stacklevel=3)
 
 
 _DRIFT_DEFAULTS = dict(probabilities=None, costs=None, coupling="batch", coins="independent", base="zero",
