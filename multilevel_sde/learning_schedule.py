@@ -8,6 +8,7 @@ probabilities); ``shifted`` adds ``Delta`` to every ``a_l`` (one learned schedul
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -35,6 +36,9 @@ def sigmoid_from_probabilities(probabilities, floor: float = 1e-3, time_scale: f
         probabilities: ``k`` numbers in ``(0, 1]``, or a schedule evaluated at ``(t, dt, costs)``.
         floor, time_scale: of the ``Sigmoid`` (``time_scale = 1 / T`` normalises time to ``[0, 1]``).
         max_logit: ``|a_l|`` is capped here (``p = 1`` has no finite logit).
+
+    A probability below ``floor`` cannot be represented (the schedule never goes below it): it is raised to about
+    ``floor``, with a warning naming the levels.
     """
     if isinstance(probabilities, torch.nn.Module) or callable(probabilities):
         if costs is None:
@@ -43,6 +47,10 @@ def sigmoid_from_probabilities(probabilities, floor: float = 1e-3, time_scale: f
     else:
         p = probabilities
     p = torch.as_tensor(p, dtype=F64).detach().reshape(-1)
+    low = [(level, value) for level, value in enumerate(p.tolist(), start=1) if value < floor]
+    if low:
+        warnings.warn(f"probabilities below the Sigmoid's floor={floor:g} are raised to it: (level, p) {low}; give a "
+                      "smaller floor to start from them", stacklevel=2)
     s = ((p - floor) / (1 - floor)).clamp(1e-300, 1.0)
     a = (torch.log(s) - torch.log1p(-s)).clamp(-max_logit, max_logit)
     return Sigmoid(a, floor=floor, time_scale=time_scale)

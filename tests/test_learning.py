@@ -342,3 +342,14 @@ def test_max_step_caps_every_update_whatever_the_optimiser(optimizer):
     free = L.fit_probabilities(problem, schedule, paths, lam=lam, steps=1, batch=10, optimizer=optimizer, lr=0.3,
                                seed=2).schedule
     assert float((torch.cat([free.a, free.b]).detach() - iterates[0]).norm()) > 1e-2  # the cap is what held it
+
+
+def test_sigmoid_from_probabilities_warns_where_it_cannot_start_below_its_floor():
+    with pytest.warns(UserWarning, match=r"floor=0\.001 are raised to it: \(level, p\) \[\(3, 0\.0002\)\]"):
+        start = L.sigmoid_from_probabilities([1.0, 0.3, 0.0002])
+    p = start(torch.tensor(0.0, dtype=DTYPE), 1.0, torch.ones(3, dtype=DTYPE)).detach()
+    assert float(p[2]) >= 0.001 and float(p[1]) == pytest.approx(0.3)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L.sigmoid_from_probabilities([1.0, 0.3, 0.0002], floor=1e-4)
