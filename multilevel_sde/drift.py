@@ -62,9 +62,9 @@ class MultilevelDrift(nn.Module):
         prune_certain: skip a level whose two differences are both certain (``p_m = p_{m+1} = 1``):
             its coefficient is exactly 0, so it is neither evaluated nor paid for. False follows the
             literal rule "f^m is paid when difference m or m+1 is drawn".
-        accelerate: with probabilities without a gradient, take each step's levels and coefficients from host
-            arithmetic (numpy), kept per coin pattern and value of ``p`` with one coin per level (the only
-            accelerated path: the same estimates bit for bit as ``False``, which runs the reference ``combine``).
+        accelerate: with probabilities without a gradient, take each step's levels and coefficients from float64
+            host arithmetic, kept per coin pattern and ``p`` with one coin per level (the only accelerated path:
+            as ``False``, the reference ``combine``, to the bit for float64 ``p``; a float32 schedule's may differ).
 
     ``sample(t, y, dt)`` is the estimate; ``exact(t, y)`` is ``f^k``; ``expected_cost(t, dt)`` the expected
     cost per sample and step (with every ``p = 1`` only ``f^k`` runs: ML-EM is then EM, at EM's cost).
