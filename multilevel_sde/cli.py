@@ -396,10 +396,11 @@ def _sample(args: argparse.Namespace) -> int:
     # trained_schedule, naming the files)
     schedule = _trained_or_typed(trained_schedule(models), schedule, args, given)
     steps = args.steps if "--steps" in given else min(args.steps, schedule.T)
+    as_scheduler = getattr(first, "scheduler_sampling", {})  # a diffusers network samples as its scheduler does
     result = sample(models, shape, batch=args.batch, method=args.method, steps=steps,
                     schedule=schedule, probabilities=probabilities,
                     coupling=args.coupling, coins=args.coins, base=args.base, seed=args.seed,
-                    device=args.device, progress=args.progress)
+                    device=args.device, progress=args.progress, **as_scheduler)
     save_image_grid(result.images, out, nrow=min(8, args.batch), scale=max(1, 128 // shape[-1]))
     stats = result.stats.as_dict()
     record = {"levels": paths, "settings": result.settings, "flops": result.flops, "seconds": result.seconds,

@@ -173,6 +173,10 @@ def test_sampler_rejects_bad_arguments():
         sample(LADDER, SHAPE, base="quadratic")
     with pytest.raises(ValueError, match="x_T"):
         sample(LADDER, SHAPE, batch=2, x_T=torch.zeros(3, *SHAPE))
+    x_T = initial_noise((2, *SHAPE), 0, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"x_T is torch.float64 but dtype=torch.float32"):
+        sample(LADDER, SHAPE, batch=2, steps=5, x_T=x_T, dtype=torch.float32)
+    assert sample(LADDER, SHAPE, batch=2, steps=5, x_T=x_T).images.dtype == torch.float64  # x_T's, not a cast
 
 
 class NanBelow(torch.nn.Module):

@@ -8,6 +8,7 @@ install --no-deps k-diffusion`` suffices), else a faithful copy (``kdiffusion_re
 """
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -359,10 +360,13 @@ def test_mlsde_sample_takes_a_diffusers_folder(tmp_path, diffusers, unet):
     diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(beta_schedule="linear")).save_pretrained(
         tmp_path / "pipe")
     out = tmp_path / "s.png"
-    assert main(["sample", str(tmp_path / "pipe"), "--steps", "4", "--batch", "2", "--no-progress",
-                 "--out", str(out)]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sampled as the scheduler does (fixed_small, clip 1): nothing to warn
+        assert main(["sample", str(tmp_path / "pipe"), "--steps", "4", "--batch", "2", "--no-progress",
+                     "--out", str(out)]) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     assert out.exists() and record["settings"]["schedule"] == "linear" and record["evaluations"] == [8]
+    assert record["settings"]["variance"] == "posterior" and record["settings"]["clip"] == 1.0
 
 
 def test_mlsde_experiment_takes_diffusers_folders_as_a_ladder(tmp_path, diffusers, unet):

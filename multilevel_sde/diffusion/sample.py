@@ -91,7 +91,7 @@ def sample(
     seed: Optional[int] = None,
     x_T: Optional[torch.Tensor] = None,
     device=None,
-    dtype: torch.dtype = torch.float32,
+    dtype: Optional[torch.dtype] = None,
     progress: bool = False,
     callback: Optional[Callable[[int, torch.Tensor], None]] = None,
     drift: Optional[MultilevelDrift] = None,
@@ -125,6 +125,8 @@ def sample(
         seed: seeds ``x_T``, the Brownian path and the coins, a given ``drift``'s included (None: fresh; kept in
             ``settings``).
         x_T: initial noise ``(batch, C, H, W)`` (default: from ``seed``).
+        dtype: of the images and the solve (default: ``x_T``'s, else float32); an ``x_T`` of another dtype is an
+            error, not a cast.
         callback: ``callback(n, x)`` after each step with the images ``(B, C, H, W)``.
         drift: a ready drift (e.g. a ``MultilevelDrift``) over ``DenoiserLevel``s built for this method, grid and
             schedule, used as given: a level built for another grid, or any of ``probabilities``, ``costs``,
@@ -146,13 +148,17 @@ def sample(
     grid = StepGrid(schedule, respaced_timesteps(schedule.T, steps), method, variance, final_noise)
     _warn_if_unlike_the_schedulers(models, method, dict(clip=clip, variance=variance))
     shape = (batch, *image_shape)
+    if x_T is not None and dtype is not None and x_T.dtype != dtype:
+        raise ValueError(f"x_T is {x_T.dtype} but dtype={dtype}: give one dtype (dtype defaults to x_T's)")
+    dtype = dtype or (x_T.dtype if x_T is not None else torch.float32)
     if x_T is None:
         x_T = initial_noise(shape, seed, device, dtype)
     elif tuple(x_T.shape) != shape:
         raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
     y0 = x_T.reshape(batch, -1).to(device=device, dtype=dtype)
 
-    if drift is None:
+    built = drift is None
+    if built:
         drift = build_drift(models, grid, image_shape, probabilities, costs, coupling, coins, base, prediction,
                             clip, device, seed)
     else:
@@ -179,6 +185,7 @@ def sample(
     flops = stats.cost if stats.cost_unit == "flops" else float("nan")
     multilevel = isinstance(drift, MultilevelDrift)
     settings = dict(method=method, steps=steps, batch=batch, seed=seed, multilevel=multilevel, schedule=schedule.kind,
+                    clip=clip if built else "as the given drift's levels",
                     coupling=drift.coupling if multilevel else coupling,
                     base=("zero" if drift.base is None else "linear") if multilevel else base)
     if method == "ddpm":
