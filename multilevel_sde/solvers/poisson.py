@@ -2,7 +2,8 @@
 
 Level ``l`` jumps at the times of a Poisson process of rate ``lambda_l(t) = p_l(t, dt) / dt`` (the drift's
 schedule at the solver's ``dt``); a jump adds ``(f^l - f^{l-1})(t, X) / lambda_l(t)``. Between jumps the
-state moves by the exact Gaussian increment of the state-independent noise ``sigma(t) dW``. Levels whose
+state moves by the exact Gaussian increment of the state-independent noise ``sigma(t) dW`` (on a shared
+``GridBrownian``, by ``sigma`` at the left end of each piece: exact for a constant ``sigma``). Levels whose
 probability is 1 at ``dt`` (and a ``base`` f^0) cannot jump: they are evaluated on the ``dt`` grid with an
 Euler step (the hybrid that diffusion sampling needs). Time-dependent rates are handled by thinning
 against a bound taken from the rates on the ``dt`` grid (exact for rates monotone between grid points; a
@@ -78,7 +79,9 @@ class _GaussianNoise:
 
 class _BridgeNoise:
     """Noise read from a ``GridBrownian``: whole cells from its increments, partial cells by the Brownian
-    bridge (exact in law), so the jump solver shares the path of grid solvers on the same ``bm``."""
+    bridge (exact in law), so the jump solver shares the path of grid solvers on the same ``bm``. Each piece is
+    weighted by ``sigma`` at its left end, as EM weights a step: exact for a constant ``sigma``, first order in
+    the piece's length for a time-dependent one (the solver's own noise, without ``bm``, is exact)."""
 
     def __init__(self, bm: GridBrownian, t0: float, sigma: _Sigma, noise_type: str, d: int, generator):
         self.bm, self.sigma, self.noise_type, self.d, self.generator = bm, sigma, noise_type, d, generator
