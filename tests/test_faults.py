@@ -571,3 +571,17 @@ def test_long_solves_warn_with_their_memory_or_refuse_before_allocating(monkeypa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mlsde.sdeint(sde, torch.ones(1, 1), ts, dt=0.1)
+
+
+def test_a_ladder_folder_reads_level_0_to_n_only(runs, tmp_path):
+    """A backup copy (level_2.bak) is not a level, and a missing level is an error, not a shorter ladder."""
+    import shutil
+
+    for i in range(3):
+        shutil.copytree(runs / "cos", tmp_path / f"level_{i}")
+    shutil.copytree(runs / "cos", tmp_path / "level_2.bak")
+    models, names, _ = load_ladder(tmp_path)
+    assert len(models) == 3 and [n.split()[0] for n in names] == ["level_0", "level_1", "level_2"]
+    shutil.rmtree(tmp_path / "level_1")
+    with pytest.raises(ValueError, match=r"level folders \[0, 2\], not 0..1"):
+        load_ladder(tmp_path)

@@ -271,11 +271,13 @@ def load_ladder(paths: Union[PathLike, Sequence[PathLike]], device=None) -> tupl
     paths = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
     if (len(paths) == 1 and paths[0].is_dir() and not (paths[0] / CHECKPOINT_NAME).exists()
             and not is_diffusers_folder(paths[0])):
-        levels = sorted(paths[0].glob("level_*"), key=lambda p: int(p.name.split("_")[-1]) if
-                        p.name.split("_")[-1].isdigit() else -1)
-        if not levels:
-            raise FileNotFoundError(f"{os.fspath(paths[0])!r} holds no checkpoint.pt and no level_* folders")
-        paths = levels
+        numbered = {int(p.name[6:]): p for p in paths[0].glob("level_*") if p.name[6:].isdigit()}
+        if not numbered:
+            raise FileNotFoundError(f"{os.fspath(paths[0])!r} holds no checkpoint.pt and no level_<i> folders")
+        if sorted(numbered) != list(range(len(numbered))):
+            raise ValueError(f"{os.fspath(paths[0])!r} holds level folders {sorted(numbered)}, not "
+                             f"0..{len(numbered) - 1}: a ladder is level_0, level_1, ... with none missing")
+        paths = [numbered[i] for i in range(len(numbered))]  # other names (a level_2.bak copy) are not levels
     models, names, shapes = [], [], set()
     for path in paths:
         external = _external_levels(path, device)
